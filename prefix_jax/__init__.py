@@ -1,0 +1,1 @@
+"""prefix_jax: prefix tuning of frozen transformers in JAX/Flax."""

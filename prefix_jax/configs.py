@@ -1,0 +1,143 @@
+"""Config pieces shared by experiment files, `parse_arg`, and validation with clear errors.
+
+Experiment files (`experiments/*.py`) define `get_config(arg)` and build their ConfigDict from
+the pieces here, so a field means the same thing in every experiment.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from prefix_jax.errors import UserError
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_data_dir(task: str) -> str:
+    """`../shared/data/<task>` beside the checkout (where the workplace keeps the data)."""
+    return os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data", task))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"prefix_len=10,runlocal"` -> ConfigDict, typed by `defaults` (big_vision style).
+
+    A bare name sets a bool default to True; unknown names are an error.
+    """
+    result = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        name, eq, value = item.partition("=")
+        if name not in defaults:
+            raise UserError(f"config arg '{name}' is not one of {sorted(defaults)}: fix the "
+                            "--config=FILE:ARGS string")
+        default = defaults[name]
+        if not eq:
+            if not isinstance(default, bool):
+                raise UserError(f"config arg '{name}' needs a value: write {name}=...")
+            result[name] = True
+            continue
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                result[name] = value.lower() in ("true", "1")
+            else:
+                result[name] = type(default)(value)
+        except ValueError:
+            raise UserError(f"config arg {name}={value!r} is not a "
+                            f"{type(default).__name__}") from None
+    return result
+
+
+def model_config(path: str = "smollm2") -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        path=path,  # 'smollm2' (packaged GGUF), 'tiny', 'tiny-mha', a .gguf file or an HF dir
+        dtype="float32",  # activation dtype: float32 is fastest on CPU, bfloat16 on accelerators
+    ))
+
+
+def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        mode="kv",  # 'kv': trainable keys/values at every layer
+        length=length,  # number of prefix slots P (0 = the base model)
+        init="random",  # 'random' (normal, std init_std) or 'zero'
+        init_std=1.0,  # std of the random init (PEFT's nn.Embedding default is 1.0)
+        positions="zero",  # real tokens start at position 0 ('zero') or at P ('after_prefix', HF/PEFT)
+    ))
+
+
+def optim_config(lr: float) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        lr=lr,  # peak learning rate of AdamW
+        warmup_steps=10,  # linear warmup from 0
+        final_lr_fraction=0.0,  # linear decay to lr * this at train.num_steps
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,  # AdamW decoupled weight decay
+        grad_clip_norm=1.0,  # global-norm clipping of trainable gradients; 0 = off
+    ))
+
+
+def train_config(num_steps: int, batch_size: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_steps=num_steps,  # optimizer steps in the whole run
+        batch_size=batch_size,  # sequences per step, over all devices and hosts
+        log_every=10,  # steps between train metrics in metrics.jsonl
+        eval_every=0,  # steps between dev evaluations during training; 0 = only at the end
+        checkpoint_every=100,  # steps between checkpoints (one is always written at the end)
+        keep_checkpoints=2,  # newest checkpoints kept by orbax
+    ))
+
+
+def eval_config(num_examples: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        num_examples=num_examples,  # dev MRs decoded and scored (first N in file order); 0 = none
+        batch_size=50,  # prompts decoded together
+        max_new_tokens=64,  # greedy decoding stops at EOS or after this many tokens
+        num_samples=5,  # generations printed to the terminal (all are saved in the workdir)
+        eval_untuned=True,  # also score the base model without a prefix, for comparison
+    ))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Type and range checks of every field a user sets; raises UserError naming the field."""
+    def is_int(x):
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    p, t, o, e, d = config.prefix, config.train, config.optim, config.eval, config.data
+    _check(is_int(p.length) and p.length >= 0,
+           f"prefix.length={p.length!r}: must be an integer >= 0 (e.g. --config.prefix.length=10)")
+    _check(p.positions in ("zero", "after_prefix"),
+           f"prefix.positions={p.positions!r}: must be 'zero' or 'after_prefix'")
+    _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")
+    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+        value = t[name]
+        _check(is_int(value) and value > 0, f"train.{name}={value!r}: must be an integer > 0")
+    _check(is_int(t.eval_every) and t.eval_every >= 0,
+           f"train.eval_every={t.eval_every!r}: must be an integer >= 0 (0 = only at the end)")
+    _check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    _check(is_int(o.warmup_steps) and o.warmup_steps >= 0,
+           f"optim.warmup_steps={o.warmup_steps!r}: must be an integer >= 0")
+    _check(0 <= o.final_lr_fraction <= 1,
+           f"optim.final_lr_fraction={o.final_lr_fraction}: must be in [0, 1]")
+    _check(is_int(e.num_examples) and e.num_examples >= 0,
+           f"eval.num_examples={e.num_examples!r}: must be an integer >= 0")
+    _check(is_int(e.batch_size) and e.batch_size > 0,
+           f"eval.batch_size={e.batch_size!r}: must be an integer > 0")
+    _check(is_int(e.max_new_tokens) and e.max_new_tokens > 0,
+           f"eval.max_new_tokens={e.max_new_tokens!r}: must be an integer > 0")
+    _check(is_int(d.max_len) and d.max_len > 1,
+           f"data.max_len={d.max_len!r}: must be an integer > 1")
+    _check(is_int(d.train_examples) and d.train_examples >= 0,
+           f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
+    _check(config.model.dtype in ("float32", "bfloat16"),
+           f"model.dtype={config.model.dtype!r}: must be 'float32' or 'bfloat16'")
+    _check(isinstance(config.trainable, str) and config.trainable,
+           "trainable: must be a non-empty regex over parameter paths (e.g. '^prefix/')")

@@ -1,0 +1,61 @@
+"""E2E NLG (Novikova et al. 2017): restaurant meaning representations -> descriptions.
+
+Files (the official release, see ../shared/data/e2e/SOURCE.md): `trainset.csv`, `devset.csv`,
+`testset_w_refs.csv`, each with header `mr,ref`, one reference per row; rows sharing an MR are
+its references.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+
+from prefix_jax.errors import UserError
+
+SPLIT_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
+GET_DATA = "run scripts/get_data.sh or set --config.data.dir to a copy of the E2E release"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    source: str  # the meaning representation
+    target: str  # one reference text
+
+
+def format_source(mr: str) -> str:
+    """The prompt a pair's text is generated from (the target follows after a space)."""
+    return f"{mr}\nDescription:"
+
+
+def read_pairs(data_dir: str, split: str) -> list[Pair]:
+    """All (MR, reference) rows of a split, in file order; bad rows are errors with file:line."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data.dir={data_dir}: E2E data directory not found; {GET_DATA}")
+    path = os.path.join(data_dir, SPLIT_FILES[split])
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: E2E {split} file not found; {GET_DATA}")
+    pairs = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["mr", "ref"]:
+            raise UserError(f"{path}:1: expected the header 'mr,ref', got {header!r}; "
+                            f"is this an E2E file? {GET_DATA}")
+        for row in reader:
+            line = reader.line_num
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise UserError(f"{path}:{line}: expected two non-empty fields 'mr,ref', "
+                                f"got {row!r}; fix or remove that row")
+            pairs.append(Pair(row[0].strip(), row[1].strip()))
+    if not pairs:
+        raise UserError(f"{path}: no data rows; {GET_DATA}")
+    return pairs
+
+
+def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:
+    """Unique MRs in order of first appearance, with all references of each."""
+    refs: dict[str, list[str]] = {}
+    for p in pairs:
+        refs.setdefault(p.source, []).append(p.target)
+    return list(refs), list(refs.values())

@@ -1,0 +1,117 @@
+"""Pairs -> tokenized, loss-masked, length-bucketed batches, through a grain MapDataset.
+
+Batch `i` of the run is a pure function of (seed, i): each epoch is a seeded permutation, cut
+into chunks of `batch_size * BUCKET_CHUNKS` sequences, sorted by length within a chunk (so a
+batch holds similar lengths and little padding), batched, and the batches shuffled. The grain
+iterator's state is just the next batch index, so a checkpoint restores the exact data order.
+
+Every batch is padded to a multiple of `bucket_multiple` tokens, which bounds the number of
+shapes the train step is compiled for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import grain
+import numpy as np
+
+from prefix_jax.data.e2e import Pair, format_source
+from prefix_jax.errors import UserError
+
+BUCKET_CHUNKS = 50  # batches per sorting chunk: more = less padding, less randomness
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenized:
+    tokens: np.ndarray  # int32 [n], source then target (target ends with EOS)
+    n_source: int  # first n_source tokens are the prompt (no loss)
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str) -> list[Tokenized]:
+    """Source and target are tokenized apart, so the loss boundary is exact."""
+    sources = tokenizer([format_source(p.source) for p in pairs], add_special_tokens=False)
+    targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    out = []
+    for i, (s, t) in enumerate(zip(sources.input_ids, targets.input_ids)):
+        ids = np.asarray([*s, *t, eos], dtype=np.int32)
+        if len(ids) > max_len:
+            raise UserError(f"{where}: pair {i} is {len(ids)} tokens, longer than data.max_len="
+                            f"{max_len}; raise data.max_len (up to the model's maximum)")
+        out.append(Tokenized(ids, len(s)))
+    return out
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded next-token batch: inputs = seq[:-1], targets = seq[1:].
+
+    `loss_mask` is 1 where the target is a target-text token (incl. EOS); `segment_ids` is 1 on
+    real tokens, 0 on padding (packing would number segments 1, 2, ...).
+    """
+    t = round_up(max(len(e.tokens) - 1 for e in examples), bucket_multiple)
+    b = len(examples)
+    batch = dict(tokens=np.full((b, t), pad_id, np.int32), targets=np.full((b, t), pad_id, np.int32),
+                 positions=np.zeros((b, t), np.int32), segment_ids=np.zeros((b, t), np.int32),
+                 loss_mask=np.zeros((b, t), np.float32))
+    for row, e in enumerate(examples):
+        n = len(e.tokens) - 1
+        batch["tokens"][row, :n] = e.tokens[:-1]
+        batch["targets"][row, :n] = e.tokens[1:]
+        batch["positions"][row, :n] = np.arange(n)
+        batch["segment_ids"][row, :n] = 1
+        batch["loss_mask"][row, e.n_source - 1:n] = 1.0
+    return batch
+
+
+class BatchPlan:
+    """Which examples form global batch `i` (deterministic in seed and i)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, seed: int):
+        if len(lengths) < batch_size:
+            raise UserError(f"{len(lengths)} training examples is fewer than train.batch_size="
+                            f"{batch_size}; lower the batch size or add data")
+        self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
+        self.batches_per_epoch = len(lengths) // batch_size  # the remainder is dropped
+
+    @functools.lru_cache(maxsize=2)
+    def epoch(self, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(len(self.lengths))
+        chunk = self.batch_size * BUCKET_CHUNKS
+        for start in range(0, len(order), chunk):
+            part = order[start:start + chunk]
+            order[start:start + chunk] = part[np.argsort(self.lengths[part], kind="stable")]
+        n = self.batches_per_epoch * self.batch_size
+        batches = order[:n].reshape(self.batches_per_epoch, self.batch_size)
+        return batches[rng.permutation(len(batches))]
+
+    def __call__(self, i: int) -> np.ndarray:
+        return self.epoch(i // self.batches_per_epoch)[i % self.batches_per_epoch]
+
+
+def train_iterator(examples: list[Tokenized], batch_size: int, seed: int, bucket_multiple: int,
+                   pad_id: int, num_batches: int, process_index: int = 0,
+                   process_count: int = 1) -> grain.DatasetIterator:
+    """A checkpointable iterator over `num_batches` batches of this process's rows.
+
+    Each process takes its contiguous slice of every global batch, so the union over processes
+    is the same global batch whatever the number of hosts.
+    """
+    if batch_size % process_count:
+        raise UserError(f"train.batch_size={batch_size} is not divisible by the "
+                        f"{process_count} processes; use a multiple of {process_count}")
+    plan = BatchPlan(np.asarray([len(e.tokens) for e in examples]), batch_size, seed)
+    per_process = batch_size // process_count
+    rows = slice(process_index * per_process, (process_index + 1) * per_process)
+
+    def make_batch(i: int) -> dict[str, np.ndarray]:
+        return collate([examples[j] for j in plan(int(i))[rows]], bucket_multiple, pad_id)
+
+    dataset = grain.MapDataset.range(num_batches).map(make_batch)
+    return iter(dataset.to_iter_dataset())

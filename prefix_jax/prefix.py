@@ -1,0 +1,61 @@
+"""The prefix: the trainable object of this project.
+
+`build(prefix_cfg, model_cfg)` gives a Flax module whose `__call__()` (no inputs) returns the
+per-layer keys and values to prepend, `KV([L, 1, P, n_kv_heads, head_dim] x 2)`; the leading 1 is
+the batch axis, broadcast over the batch by the model. Modes, layer subsets, reparameterizations
+and inits are new modules or initializers here; the train loop only sees `module.apply(params)`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from prefix_jax.errors import UserError
+from prefix_jax.models.llama import KV, LlamaConfig
+
+MODES = ("kv",)
+INITS = ("random", "zero")
+
+
+class KVPrefix(nn.Module):
+    """Mode `kv` (Li & Liang 2021; P-tuning v2; PEFT): free keys and values for every layer.
+
+    Prefix keys carry no rotary position (as in PEFT): they are learned after RoPE would apply.
+    """
+
+    n_layers: int
+    length: int
+    n_kv_heads: int
+    head_dim: int
+    init_method: str = "random"
+    init_std: float = 1.0
+
+    @nn.compact
+    def __call__(self) -> KV:
+        shape = (self.n_layers, self.length, self.n_kv_heads, self.head_dim)
+        initializer = (nn.initializers.zeros if self.init_method == "zero"
+                       else nn.initializers.normal(self.init_std))
+        k = self.param("key", initializer, shape)
+        v = self.param("value", initializer, shape)
+        return KV(k[:, None], v[:, None])
+
+
+def build(prefix_cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> nn.Module:
+    if prefix_cfg.mode not in MODES:
+        raise UserError(f"prefix.mode={prefix_cfg.mode!r} is not one of {MODES}")
+    if prefix_cfg.init not in INITS:
+        raise UserError(f"prefix.init={prefix_cfg.init!r} is not one of {INITS}")
+    return KVPrefix(n_layers=model_cfg.n_layers, length=prefix_cfg.length,
+                    n_kv_heads=model_cfg.n_kv_heads, head_dim=model_cfg.head_dim,
+                    init_method=prefix_cfg.init, init_std=prefix_cfg.init_std)
+
+
+def init(module: nn.Module, rng: jax.Array) -> dict:
+    """Fresh prefix parameters."""
+    return module.init(rng)["params"]
+
+
+def length(prefix: KV | None) -> int:
+    return 0 if prefix is None else prefix.k.shape[2]

@@ -1,0 +1,245 @@
+"""`train_and_evaluate(config, workdir)`: one readable train loop, in labelled sections.
+
+The frozen base is read in place by every step; only the trainable tree and its optimizer state
+are updated, donated and checkpointed (see partition.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from prefix_jax import checkpoint, configs, decoding, metrics, models, optim, partition, prefix
+from prefix_jax import sharding as shd
+from prefix_jax.data import e2e, pipeline
+from prefix_jax.errors import UserError
+from prefix_jax.metric_writer import MetricWriter
+from prefix_jax.models.llama import Llama, causal_mask
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any  # full {"base", "prefix"} structure, MaskedNode where frozen
+    opt_state: optax.OptState
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """The base module and the prefix module: the code (not the weights) of a forward pass."""
+
+    base: Llama
+    prefix: flax.linen.Module
+    position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
+
+
+def forward(model: Model, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
+    """Logits `[B, T, V]` of a batch with the prefix in front at every layer."""
+    kv = model.prefix.apply({"params": params["prefix"]})
+    mask = causal_mask(batch["segment_ids"], prefix.length(kv))
+    logits, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
+                                 batch["positions"] + model.position_offset, mask, prefix=kv)
+    return logits
+
+
+def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model):
+    """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
+    logits = forward(model, partition.merge(trainable, frozen), batch)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["targets"])
+    n_target = jnp.maximum(batch["loss_mask"].sum(), 1.0)
+    return (ce * batch["loss_mask"]).sum() / n_target
+
+
+def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, model)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    step_metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
+    return TrainState(state.step + 1, trainable, opt_state), step_metrics
+
+
+def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str],
+                        references: list[list[str]], eval_cfg, with_prefix: bool
+                        ) -> tuple[dict[str, float], list[str]]:
+    """Greedy generations for dev MRs, scored against all references of each MR."""
+    kv = model.prefix.apply({"params": params["prefix"]}) if with_prefix else None
+    offset = model.position_offset if with_prefix else 0
+    prompts = [e2e.format_source(s) for s in sources]
+    predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
+                                    eval_cfg.batch_size, eval_cfg.max_new_tokens, offset)
+    scores = {"bleu": metrics.corpus_bleu(predictions, references),
+              "rouge_l": metrics.rouge_l(predictions, references)}
+    return scores, predictions
+
+
+def _save_generations(workdir: str, name: str, sources, references, predictions) -> None:
+    os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)
+    with open(os.path.join(workdir, "generations", f"{name}.jsonl"), "w") as f:
+        for s, r, p in zip(sources, references, predictions):
+            f.write(json.dumps({"source": s, "prediction": p, "references": r}) + "\n")
+
+
+def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> None:
+    print(f"\n== {title}: BLEU {scores['bleu']:.1f}  ROUGE-L {scores['rouge_l']:.1f} "
+          f"on {len(sources)} dev MRs ==")
+    for s, p in list(zip(sources, predictions))[:n]:
+        print(f"  MR:   {s}\n  GEN:  {p}")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train the configured prefix, evaluate on dev, return the final metrics."""
+    # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
+    configs.validate(config)
+    if config.data.task != "e2e":
+        raise UserError(f"data.task={config.data.task!r}: only 'e2e' is supported so far")
+    train_pairs = e2e.read_pairs(config.data.dir, "train")
+    dev_sources, dev_refs = e2e.group_references(e2e.read_pairs(config.data.dir, "dev"))
+    dev_sources = dev_sources[:config.eval.num_examples]
+    dev_refs = dev_refs[:config.eval.num_examples]
+    loaded = models.load(config.model, seed=config.seed)
+    if config.data.max_len > loaded.config.max_seq_len:
+        raise UserError(f"data.max_len={config.data.max_len} exceeds the model's maximum "
+                        f"sequence length {loaded.config.max_seq_len}; lower data.max_len")
+    if config.data.train_examples:
+        order = np.random.default_rng(config.seed).permutation(len(train_pairs))
+        train_pairs = [train_pairs[i] for i in order[:config.data.train_examples]]
+    train_data = pipeline.tokenize_pairs(train_pairs, loaded.tokenizer, config.data.max_len,
+                                         os.path.join(config.data.dir, "trainset.csv"))
+
+    # ---- Model, prefix and the trainable/frozen split.
+    rng = jax.random.key(config.seed)
+    prefix_module = prefix.build(config.prefix, loaded.config)
+    params = {"base": loaded.params, "prefix": prefix.init(prefix_module, rng)}
+    labels = partition.labels(params, config.trainable)
+    trainable, frozen = partition.split(params, labels)
+    n_train, n_base = partition.count(trainable), partition.count(loaded.params)
+    if n_train == 0:
+        raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
+                        "'prefix/key' or 'base/layers/q_proj/kernel'")
+    offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
+    model = Model(loaded.module, prefix_module, offset)
+
+    # ---- Workdir and logs (only process 0 writes).
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir, enabled=is_main)
+    logging.info("model %s: %d base params; trainable %d (%.4f%% of base): %s", loaded.source,
+                 n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))
+    print(f"trainable parameters: {n_train:,} ({100 * n_train / n_base:.3f}% of the "
+          f"{n_base:,} in the base)")
+
+    # ---- Mesh, optimizer, state.
+    mesh = shd.make_mesh()
+    replicated = shd.replicated(mesh)
+    tx = optim.make(config.optim, config.train.num_steps, labels)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    state = jax.device_put(state, replicated)
+    frozen = jax.device_put(frozen, replicated)
+
+    # ---- Data iterator and checkpoint restore.
+    data_iter = pipeline.train_iterator(
+        train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
+        loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id, config.train.num_steps,
+        jax.process_index(), jax.process_count())
+    ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    meta = {"base_fingerprint": checkpoint.base_fingerprint(loaded.params),
+            "model_source": loaded.source,
+            "trainable_shapes": checkpoint.shapes(trainable)}
+    restored = checkpoint.restore_latest(ckpt, state, data_iter, meta)
+    if restored is not None:
+        state = jax.device_put(restored, replicated)
+        print(f"resumed from step {int(state.step)} ({ckpt.directory})")
+
+    # ---- Step functions: jitted once per batch shape, the trainable state donated.
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=(0,),
+                      out_shardings=(replicated, replicated))
+
+    def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
+        if not dev_sources:
+            return {}
+        scores, predictions = evaluate_generation(
+            model, partition.merge(state.trainable, frozen), loaded.tokenizer, dev_sources, dev_refs, config.eval, with_prefix)
+        if is_main:
+            _save_generations(workdir, name, dev_sources, dev_refs, predictions)
+        _print_samples(name, scores, dev_sources, predictions, config.eval.num_samples)
+        return scores
+
+    # ---- The untuned model, once per workdir, as the baseline printed beside the result.
+    untuned_path = os.path.join(workdir, "eval_untuned.json")
+    if config.eval.eval_untuned and dev_sources and not os.path.exists(untuned_path):
+        scores = run_eval(0, with_prefix=False, name="dev_untuned")
+        writer.write(0, {f"eval_untuned/{k}": v for k, v in scores.items()})
+        if is_main:
+            with open(untuned_path, "w") as f:
+                json.dump(scores, f, indent=2)
+
+    # ---- Train loop.
+    start = int(state.step)
+    num_steps = config.train.num_steps
+    seen_shapes: set[tuple[int, ...]] = set()
+    tokens_since, time_since, loss_sum, loss_count = 0, time.perf_counter(), 0.0, 0
+    bar = tqdm(total=num_steps, initial=start, desc="train", disable=not is_main,
+               dynamic_ncols=True)
+    last_eval: dict[str, float] = {}
+    for step in range(start + 1, num_steps + 1):
+        local = next(data_iter)
+        if local["tokens"].shape not in seen_shapes:
+            seen_shapes.add(local["tokens"].shape)
+            logging.info("compiling the train step for batch shape %s", local["tokens"].shape)
+        batch = shd.global_batch(local, mesh)
+        state, step_metrics = step_fn(state, frozen, batch)
+        tokens_since += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+
+        if step % config.train.log_every == 0 or step == num_steps:
+            loss = float(step_metrics["train/loss"])  # waits for the step
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"train loss is {loss} at step {step}")
+            elapsed = time.perf_counter() - time_since
+            scalars = {"train/loss": loss, "train/grad_norm": float(step_metrics["train/grad_norm"]),
+                       "train/tokens_per_sec": tokens_since / elapsed,
+                       "train/lr": float(optim.schedule(config.optim, num_steps)(step - 1))}
+            writer.write(step, scalars)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
+            tokens_since, time_since = 0, time.perf_counter()
+            loss_sum, loss_count = loss_sum + loss, loss_count + 1
+        bar.update(1)
+
+        if step % config.train.checkpoint_every == 0 or step == num_steps:
+            checkpoint.save(ckpt, step, state, data_iter, meta)
+        if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
+            last_eval = run_eval(step, True, f"dev_step{step}")
+            writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+            time_since = time.perf_counter()  # eval time is not training throughput
+    bar.close()
+    ckpt.wait_until_finished()
+
+    # ---- Final evaluation.
+    final = run_eval(num_steps, True, f"dev_step{num_steps}") if dev_sources else last_eval
+    writer.write(num_steps, {f"eval/{k}": v for k, v in final.items()})
+    writer.close()
+    result = {**{f"eval/{k}": v for k, v in final.items()}, "step": num_steps}
+    if os.path.exists(untuned_path):
+        with open(untuned_path) as f:
+            result.update({f"eval_untuned/{k}": v for k, v in json.load(f).items()})
+    if is_main:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    return result

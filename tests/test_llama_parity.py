@@ -1,0 +1,68 @@
+"""The Flax Llama equals transformers' LlamaForCausalLM on the same weights."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from prefix_jax.models import llama
+from prefix_jax.models.hf_llama import config_from_hf, params_from_hf
+
+
+def _hf_tiny(n_kv_heads: int, tie: bool) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=n_kv_heads, rope_theta=500.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    # HF initializes norms to one; random scales make the parity check see them.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def _to_flax(model):
+    cfg = config_from_hf(model.config.to_dict())
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    return cfg, params_from_hf(cfg, state)
+
+
+@pytest.mark.parametrize("n_kv_heads,tie", [(4, False), (2, True), (1, False)],
+                         ids=["mha-untied", "gqa2-tied", "mqa-untied"])
+def test_logits_match_transformers(n_kv_heads, tie):
+    hf = _hf_tiny(n_kv_heads, tie)
+    cfg, params = _to_flax(hf)
+    assert cfg.n_kv_heads == n_kv_heads and cfg.tie_embeddings == tie
+    tokens = np.random.default_rng(0).integers(0, 97, size=(2, 11))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+    mask = llama.causal_mask(jnp.ones((2, 11), jnp.int32), 0)
+    got, _ = llama.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), positions, mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+def test_padding_and_packing_do_not_leak():
+    """A right-padded row and two packed segments give the logits of each sequence alone."""
+    hf = _hf_tiny(2, True)
+    cfg, params = _to_flax(hf)
+    model = llama.Llama(cfg)
+    rng = np.random.default_rng(1)
+    a, b = rng.integers(0, 97, size=5), rng.integers(0, 97, size=4)
+
+    def alone(seq):
+        t = len(seq)
+        out, _ = model.apply({"params": params}, jnp.asarray(seq)[None],
+                             jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
+        return np.asarray(out[0])
+
+    packed = jnp.asarray(np.concatenate([a, b, [0]]))[None]
+    segments = jnp.asarray([[1] * 5 + [2] * 4 + [0]])
+    positions = jnp.asarray([list(range(5)) + list(range(4)) + [0]])
+    out, _ = model.apply({"params": params}, packed, positions, llama.causal_mask(segments, 0))
+    np.testing.assert_allclose(np.asarray(out[0, :5]), alone(a), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(out[0, 5:9]), alone(b), atol=1e-5)
