@@ -101,6 +101,31 @@ def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> No
         print(f"  MR:   {s}\n  GEN:  {p}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    model: Model
+    labels: Any  # "train"/"freeze" per leaf of {"base", "prefix"}
+    tx: optax.GradientTransformation
+    state: TrainState
+    frozen: Any  # full structure, MaskedNode where trainable
+
+
+def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedModel) -> Setup:
+    """Prefix init, labels from `config.trainable`, the split, the optimizer and its state."""
+    prefix_module = prefix.build(config.prefix, loaded.config)
+    params = {"base": loaded.params,
+              "prefix": prefix.init(prefix_module, jax.random.key(config.seed))}
+    labels = partition.labels(params, config.trainable)
+    trainable, frozen = partition.split(params, labels)
+    if partition.count(trainable) == 0:
+        raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
+                        "'prefix/key' or 'base/layers/q_proj/kernel'")
+    offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
+    tx = optim.make(config.optim, config.train.num_steps, labels)
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+    return Setup(Model(loaded.module, prefix_module, offset), labels, tx, state, frozen)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train the configured prefix, evaluate on dev, return the final metrics."""
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
@@ -122,21 +147,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                          os.path.join(config.data.dir, "trainset.csv"))
 
     # ---- Model, prefix and the trainable/frozen split.
-    rng = jax.random.key(config.seed)
-    prefix_module = prefix.build(config.prefix, loaded.config)
-    params = {"base": loaded.params, "prefix": prefix.init(prefix_module, rng)}
-    labels = partition.labels(params, config.trainable)
-    trainable, frozen = partition.split(params, labels)
-    n_train, n_base = partition.count(trainable), partition.count(loaded.params)
-    if n_train == 0:
-        raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
-                        "'prefix/key' or 'base/layers/q_proj/kernel'")
-    offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
-    model = Model(loaded.module, prefix_module, offset)
+    setup = create_train_state(config, loaded)
+    model, labels, tx, state, frozen = (setup.model, setup.labels, setup.tx, setup.state,
+                                        setup.frozen)
+    n_train, n_base = partition.count(state.trainable), partition.count(loaded.params)
+
+    # ---- Mesh: the state and the base replicated, batches split over devices.
+    mesh = shd.make_mesh()
+    replicated = shd.replicated(mesh)
+    state = jax.device_put(state, replicated)
+    frozen = jax.device_put(frozen, replicated)
+
+    # ---- Data iterator and checkpoint restore (a mismatched checkpoint stops the run here,
+    # before anything in the workdir is written).
+    data_iter = pipeline.train_iterator(
+        train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
+        loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id, config.train.num_steps,
+        jax.process_index(), jax.process_count())
+    ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
+    meta = {"base_fingerprint": checkpoint.base_fingerprint(loaded.params),
+            "model_source": loaded.source,
+            "trainable_shapes": checkpoint.shapes(state.trainable)}
+    restored = checkpoint.restore_latest(ckpt, state, data_iter, meta)
+    if restored is not None:
+        state = jax.device_put(restored, replicated)
+        print(f"resumed from step {int(state.step)} ({ckpt.directory})")
 
     # ---- Workdir and logs (only process 0 writes).
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
@@ -145,28 +183,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                  n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))
     print(f"trainable parameters: {n_train:,} ({100 * n_train / n_base:.3f}% of the "
           f"{n_base:,} in the base)")
-
-    # ---- Mesh, optimizer, state.
-    mesh = shd.make_mesh()
-    replicated = shd.replicated(mesh)
-    tx = optim.make(config.optim, config.train.num_steps, labels)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-    state = jax.device_put(state, replicated)
-    frozen = jax.device_put(frozen, replicated)
-
-    # ---- Data iterator and checkpoint restore.
-    data_iter = pipeline.train_iterator(
-        train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
-        loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id, config.train.num_steps,
-        jax.process_index(), jax.process_count())
-    ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    meta = {"base_fingerprint": checkpoint.base_fingerprint(loaded.params),
-            "model_source": loaded.source,
-            "trainable_shapes": checkpoint.shapes(trainable)}
-    restored = checkpoint.restore_latest(ckpt, state, data_iter, meta)
-    if restored is not None:
-        state = jax.device_put(restored, replicated)
-        print(f"resumed from step {int(state.step)} ({ckpt.directory})")
 
     # ---- Step functions: jitted once per batch shape, the trainable state donated.
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=(0,),

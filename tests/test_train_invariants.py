@@ -1,0 +1,77 @@
+"""Frozen means frozen: the base is bitwise unchanged, has no optimizer state, and costs no
+weight-gradient FLOPs; the step trains the prefix."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from prefix_jax import models, partition, train
+from tests.helpers import runlocal_config, tiny_batch
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return models.load(runlocal_config().model)
+
+
+def _jit_step(setup):
+    return jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx),
+                   donate_argnums=(0,))
+
+
+def test_base_bitwise_unchanged_and_prefix_trains(tiny):
+    setup = train.create_train_state(runlocal_config(), tiny)
+    base_before = jax.tree.map(lambda x: np.array(x, copy=True), tiny.params)
+    prefix_before = np.array(setup.state.trainable["prefix"]["key"], copy=True)
+    batch = tiny_batch(tiny.tokenizer)
+    step = _jit_step(setup)
+    state = setup.state
+    for _ in range(3):
+        state, _ = step(state, setup.frozen, batch)
+    merged = partition.merge(state.trainable, setup.frozen)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                 merged["base"], base_before)
+    assert not np.array_equal(np.asarray(state.trainable["prefix"]["key"]), prefix_before)
+    assert int(state.step) == 3
+
+
+def test_optimizer_state_has_no_base_sized_array(tiny):
+    setup = train.create_train_state(runlocal_config(), tiny)
+    prefix_shapes = {x.shape for x in jax.tree.leaves(setup.state.trainable["prefix"])}
+    base_shapes = {x.shape for x in jax.tree.leaves(tiny.params)}
+    opt_leaves = jax.tree.leaves(setup.state.opt_state)
+    assert opt_leaves, "AdamW keeps moments for the prefix"
+    for leaf in opt_leaves:
+        assert leaf.shape in prefix_shapes | {()}, leaf.shape
+        assert leaf.shape not in base_shapes
+    # Holes, not arrays, where the base is.
+    assert partition.count(setup.state.trainable["base"]) == 0
+
+
+def _step_flops(setup, batch) -> float:
+    compiled = _jit_step(setup).lower(setup.state, setup.frozen, batch).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis["flops"])
+
+
+@pytest.mark.real_model
+def test_prefix_step_flops_below_full_finetune(smollm2):
+    """On the real SmolLM2 shapes (XLA cost analysis, nothing run): prefix <= 0.75 x full."""
+    batch = tiny_batch(smollm2.tokenizer, n=4, bucket=64)
+    prefix_flops = _step_flops(train.create_train_state(runlocal_config(), smollm2), batch)
+    full = train.create_train_state(runlocal_config(trainable=r"^(base|prefix)/"), smollm2)
+    assert partition.count(full.frozen) == 0
+    full_flops = _step_flops(full, batch)
+    ratio = prefix_flops / full_flops
+    print(f"prefix/full step FLOPs: {ratio:.3f}")
+    assert ratio <= 0.75, ratio
+
+
+def test_trainable_regex_selects_layers(tiny):
+    config = runlocal_config(trainable=r"^base/layers/(q_proj|v_proj)/")
+    setup = train.create_train_state(config, tiny)
+    assert partition.trainable_paths(setup.labels) == ["base/layers/q_proj/kernel",
+                                                       "base/layers/v_proj/kernel"]
