@@ -71,3 +71,14 @@ def restore_latest(mgr: ocp.CheckpointManager, state, data_iter, meta: dict):
         state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored.state
+
+
+def load_state_arrays(workdir: str, step: int | None = None) -> dict:
+    """The saved `state` item of a run (latest step by default) as nested dicts of arrays,
+    without needing the config that made it (for inspection, export and tests)."""
+    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                item_names=("state", "data", "meta"))
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        raise UserError(f"{workdir} has no checkpoint; train first or pick the right --workdir")
+    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state

@@ -10,6 +10,7 @@ status 2 (`--traceback` shows the stack); bugs keep their traceback.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -39,6 +40,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
               "for its fields)")
     except UserError as e:  # raised by a config file's get_config(arg)
         _fail(str(e))
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections raises these for a --config.x.y override that names no field or
+        # has the wrong type; the message already suggests the closest field.
+        message = str(e.args[0] if e.args else e)
+        field = re.search(r"(\w+)\\?'", message)
+        guess = re.search(r'Did you mean "(\w+)"', message)
+        detail = f"unknown field '{field.group(1)}'" if field else message.splitlines()[0]
+        if guess:
+            detail += f" (did you mean '{guess.group(1)}'?)"
+        _fail(f"bad --config override: {detail}; the config file lists the fields")
     return []
 
 

@@ -95,7 +95,7 @@ class RMSNorm(nn.Module):
 
 def _dense(features: int, name: str, dtype) -> nn.Dense:
     return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(0.02))
+                    kernel_init=nn.initializers.lecun_normal())
 
 
 class DecoderLayer(nn.Module):
@@ -151,7 +151,7 @@ class Llama(nn.Module):
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
-                                     embedding_init=nn.initializers.normal(0.02))
+                                     embedding_init=nn.initializers.normal(0.125))
         self.layers = nn.scan(
             DecoderLayer,
             variable_axes={"params": 0},
