@@ -61,9 +61,10 @@ def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         mode="kv",  # 'kv': trainable keys/values at every layer
         length=length,  # number of prefix slots P (0 = the base model)
-        init="random",  # 'random' (normal, std init_std) or 'zero'
+        init="random",  # 'random' (normal, std init_std), 'zero', or 'text' (activations)
         init_std=1.0,  # std of the random init (PEFT's nn.Embedding default is 1.0)
-        positions="zero",  # real tokens start at position 0 ('zero') or at P ('after_prefix', HF/PEFT)
+        init_text="table-to-text:",  # init='text': words whose activations start the prefix
+        positions="zero",  # real tokens start at 0 ('zero') or at P ('after_prefix', as HF/PEFT)
     ))
 
 

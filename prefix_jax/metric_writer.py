@@ -12,7 +12,8 @@ class MetricWriter:
     def __init__(self, workdir: str, enabled: bool = True):
         self.enabled = enabled
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            # held open for the run; closed in close()
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:

@@ -16,7 +16,7 @@ from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV, LlamaConfig
 
 MODES = ("kv",)
-INITS = ("random", "zero")
+INITS = ("random", "zero", "text")
 
 
 class KVPrefix(nn.Module):
@@ -52,9 +52,39 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> nn.M
                     init_method=prefix_cfg.init, init_std=prefix_cfg.init_std)
 
 
-def init(module: nn.Module, rng: jax.Array) -> dict:
-    """Fresh prefix parameters."""
-    return module.init(rng)["params"]
+def init(module: nn.Module, rng: jax.Array, prefix_cfg: ml_collections.ConfigDict | None = None,
+         base=None) -> dict:
+    """Fresh prefix parameters.
+
+    With `prefix.init='text'` the keys and values are the base model's own activations for the
+    tokens of `prefix.init_text` (cycled to the prefix length), as in Li & Liang's real-word init:
+    the prefix starts where real tokens live instead of at random points. `base` is the
+    `models.LoadedModel` those activations come from.
+    """
+    params = module.init(rng)["params"]
+    if prefix_cfg is not None and prefix_cfg.init == "text" and module.length:
+        if base is None:
+            raise ValueError("prefix.init='text' needs the base model")
+        kv = text_activations(base, prefix_cfg.init_text, module.length)
+        params = {"key": kv.k[:, 0], "value": kv.v[:, 0]}
+    return params
+
+
+def text_activations(base, text: str, length: int) -> KV:
+    """Per-layer keys/values `[L, 1, length, K, D]` of `text`'s tokens, cycled to `length`."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from prefix_jax.models.llama import causal_mask
+
+    ids = base.tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise UserError(f"prefix.init_text={text!r} has no tokens; give a few words")
+    tokens = jnp.asarray(np.resize(np.asarray(ids, np.int32), length))[None]
+    positions = jnp.arange(length)[None]
+    _, kv = base.module.apply({"params": base.params}, tokens, positions,
+                              causal_mask(jnp.ones_like(tokens), 0))
+    return kv
 
 
 def length(prefix: KV | None) -> int:

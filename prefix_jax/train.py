@@ -114,7 +114,8 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     """Prefix init, labels from `config.trainable`, the split, the optimizer and its state."""
     prefix_module = prefix.build(config.prefix, loaded.config)
     params = {"base": loaded.params,
-              "prefix": prefix.init(prefix_module, jax.random.key(config.seed))}
+              "prefix": prefix.init(prefix_module, jax.random.key(config.seed), config.prefix,
+                                    loaded)}
     labels = partition.labels(params, config.trainable)
     trainable, frozen = partition.split(params, labels)
     if partition.count(trainable) == 0:
@@ -191,11 +192,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
         if not dev_sources:
             return {}
+        started = time.perf_counter()
         scores, predictions = evaluate_generation(
-            model, partition.merge(state.trainable, frozen), loaded.tokenizer, dev_sources, dev_refs, config.eval, with_prefix)
+            model, partition.merge(state.trainable, frozen), loaded.tokenizer, dev_sources,
+            dev_refs, config.eval, with_prefix)
         if is_main:
             _save_generations(workdir, name, dev_sources, dev_refs, predictions)
         _print_samples(name, scores, dev_sources, predictions, config.eval.num_samples)
+        print(f"  ({len(dev_sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
         return scores
 
     # ---- The untuned model, once per workdir, as the baseline printed beside the result.
@@ -229,7 +233,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if not np.isfinite(loss):
                 raise FloatingPointError(f"train loss is {loss} at step {step}")
             elapsed = time.perf_counter() - time_since
-            scalars = {"train/loss": loss, "train/grad_norm": float(step_metrics["train/grad_norm"]),
+            scalars = {"train/loss": loss,
+                       "train/grad_norm": float(step_metrics["train/grad_norm"]),
                        "train/tokens_per_sec": tokens_since / elapsed,
                        "train/lr": float(optim.schedule(config.optim, num_steps)(step - 1))}
             writer.write(step, scalars)

@@ -11,7 +11,7 @@ from prefix_jax import checkpoint, train
 from tests.helpers import runlocal_config
 
 
-class Crash(Exception):
+class SimulatedCrashError(Exception):
     pass
 
 
@@ -62,10 +62,10 @@ def test_crash_and_rerun_resumes_at_its_step(uninterrupted, tmp_path, monkeypatc
         real_save(mgr, step, *args)
         if step == 20:
             mgr.wait_until_finished()
-            raise Crash(step)
+            raise SimulatedCrashError(step)
 
     monkeypatch.setattr(train.checkpoint, "save", save_then_crash)
-    with pytest.raises(Crash):
+    with pytest.raises(SimulatedCrashError):
         train.train_and_evaluate(config, str(workdir))
     monkeypatch.setattr(train.checkpoint, "save", real_save)
 

@@ -12,7 +12,6 @@ shapes the train step is compiled for.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import grain
 import numpy as np
@@ -48,15 +47,24 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int) -> dict[str, np.ndarray]:
+def padded_length(examples: list[Tokenized], bucket_multiple: int) -> int:
+    return round_up(max(len(e.tokens) - 1 for e in examples), bucket_multiple)
+
+
+def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
+            length: int | None = None) -> dict[str, np.ndarray]:
     """Right-padded next-token batch: inputs = seq[:-1], targets = seq[1:].
+
+    `length` (default: the bucket of the longest example) fixes the padded width, so that every
+    process pads its rows of a global batch alike.
 
     `loss_mask` is 1 where the target is a target-text token (incl. EOS); `segment_ids` is 1 on
     real tokens, 0 on padding (packing would number segments 1, 2, ...).
     """
-    t = round_up(max(len(e.tokens) - 1 for e in examples), bucket_multiple)
+    t = length or padded_length(examples, bucket_multiple)
     b = len(examples)
-    batch = dict(tokens=np.full((b, t), pad_id, np.int32), targets=np.full((b, t), pad_id, np.int32),
+    batch = dict(tokens=np.full((b, t), pad_id, np.int32),
+                 targets=np.full((b, t), pad_id, np.int32),
                  positions=np.zeros((b, t), np.int32), segment_ids=np.zeros((b, t), np.int32),
                  loss_mask=np.zeros((b, t), np.float32))
     for row, e in enumerate(examples):
@@ -78,9 +86,15 @@ class BatchPlan:
                             f"{batch_size}; lower the batch size or add data")
         self.lengths, self.batch_size, self.seed = lengths, batch_size, seed
         self.batches_per_epoch = len(lengths) // batch_size  # the remainder is dropped
+        self._cached: tuple[int, np.ndarray] | None = None
 
-    @functools.lru_cache(maxsize=2)
     def epoch(self, epoch: int) -> np.ndarray:
+        """`[batches_per_epoch, batch_size]` example indices of one epoch (the last is cached)."""
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, self._make_epoch(epoch))
+        return self._cached[1]
+
+    def _make_epoch(self, epoch: int) -> np.ndarray:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.lengths))
         chunk = self.batch_size * BUCKET_CHUNKS
@@ -111,7 +125,9 @@ def train_iterator(examples: list[Tokenized], batch_size: int, seed: int, bucket
     rows = slice(process_index * per_process, (process_index + 1) * per_process)
 
     def make_batch(i: int) -> dict[str, np.ndarray]:
-        return collate([examples[j] for j in plan(int(i))[rows]], bucket_multiple, pad_id)
+        ids = plan(int(i))
+        width = padded_length([examples[j] for j in ids], bucket_multiple)
+        return collate([examples[j] for j in ids[rows]], bucket_multiple, pad_id, width)
 
     dataset = grain.MapDataset.range(num_batches).map(make_batch)
     return iter(dataset.to_iter_dataset())

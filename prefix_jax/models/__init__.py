@@ -57,7 +57,7 @@ def _gguf_tokenizer(path: str):
 
 @functools.lru_cache(maxsize=1)
 def byte_tokenizer():
-    """A 259-token byte-level tokenizer (no merges) with SmolLM2's special tokens, built in memory."""
+    """A 259-token byte-level tokenizer (no merges) with SmolLM2's special tokens, in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

