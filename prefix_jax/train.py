@@ -263,4 +263,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
+    if final:
+        before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
+        line = " | ".join(f"{k} {before.get(k, float('nan')):.1f} -> {v:.1f}"
+                          for k, v in final.items())
+        print(f"\ndev ({len(dev_sources)} MRs, greedy), untuned -> prefix-tuned: {line}")
     return result

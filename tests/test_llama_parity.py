@@ -13,7 +13,7 @@ from prefix_jax.models.hf_llama import config_from_hf, params_from_hf
 def _hf_tiny(n_kv_heads: int, tie: bool) -> transformers.LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        vocab_size=259, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=n_kv_heads, rope_theta=500.0,
         rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=128)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -37,7 +37,7 @@ def test_logits_match_transformers(n_kv_heads, tie):
     hf = _hf_tiny(n_kv_heads, tie)
     cfg, params = _to_flax(hf)
     assert cfg.n_kv_heads == n_kv_heads and cfg.tie_embeddings == tie
-    tokens = np.random.default_rng(0).integers(0, 97, size=(2, 11))
+    tokens = np.random.default_rng(0).integers(0, 259, size=(2, 11))
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
     positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
@@ -52,7 +52,7 @@ def test_padding_and_packing_do_not_leak():
     cfg, params = _to_flax(hf)
     model = llama.Llama(cfg)
     rng = np.random.default_rng(1)
-    a, b = rng.integers(0, 97, size=5), rng.integers(0, 97, size=4)
+    a, b = rng.integers(0, 259, size=5), rng.integers(0, 259, size=4)
 
     def alone(seq):
         t = len(seq)
@@ -66,3 +66,21 @@ def test_padding_and_packing_do_not_leak():
     out, _ = model.apply({"params": params}, packed, positions, llama.causal_mask(segments, 0))
     np.testing.assert_allclose(np.asarray(out[0, :5]), alone(a), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out[0, 5:9]), alone(b), atol=1e-5)
+
+
+def test_hf_directory_loader(tmp_path):
+    """models.load on an HF directory (config.json + safetensors + tokenizer) gives HF's logits."""
+    from prefix_jax import configs, models
+
+    hf = _hf_tiny(2, False)
+    hf.save_pretrained(tmp_path)  # safetensors
+    models.byte_tokenizer().save_pretrained(tmp_path)
+    loaded = models.load(configs.model_config(str(tmp_path)))
+    assert loaded.config.n_kv_heads == 2 and not loaded.config.tie_embeddings
+    ids = loaded.tokenizer("hi there", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    t = len(ids)
+    got, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray([ids]),
+                                 jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
