@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import sys
+import time
 
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from prefix_jax.errors import UserError
 from prefix_jax.partition import path_str
@@ -46,15 +50,40 @@ def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) ->
 
 
 def restore_latest(mgr: ocp.CheckpointManager, state, data_iter, meta: dict):
-    """The newest checkpoint restored into `state`'s structure and `data_iter`, or None.
+    """The newest readable checkpoint restored into `state`'s structure and `data_iter`, or None.
 
-    Raises UserError when the checkpoint belongs to another base model or prefix shape.
+    An unreadable (corrupt or partial) checkpoint is moved to `workdir/corrupt_checkpoints/` with
+    a warning naming it, and the next older one is tried. A checkpoint of another base model or
+    prefix shape is a UserError: the run stops before anything is written.
     """
-    step = mgr.latest_step()
-    if step is None:
-        return None
-    saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    where = os.path.join(str(mgr.directory), str(step))
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    for step in sorted(mgr.all_steps(), reverse=True):
+        where = os.path.join(str(mgr.directory), str(step))
+        try:
+            saved = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # any read failure means: not usable
+            _quarantine(mgr, step, e)
+            continue
+        check_compatible(saved, meta, where)
+        try:
+            restored = mgr.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.checkpoint.CheckpointRestore(data_iter)))
+        except Exception as e:
+            _quarantine(mgr, step, e)
+            continue
+        if int(restored.state.step) != step:
+            _quarantine(mgr, step, ValueError(f"it holds step {int(restored.state.step)}"))
+            continue
+        return restored.state
+    if mgr.all_steps():
+        raise UserError(f"no checkpoint in {mgr.directory} could be read; move that directory "
+                        "away to start over")
+    return None
+
+
+def check_compatible(saved: dict, meta: dict, where: str) -> None:
+    """A checkpoint's meta against this run's: same base model, same trainable shapes."""
     if saved.get("base_fingerprint") != meta["base_fingerprint"]:
         raise UserError(
             f"checkpoint {where} was trained on base model {saved.get('model_source')} "
@@ -66,11 +95,22 @@ def restore_latest(mgr: ocp.CheckpointManager, state, data_iter, meta: dict):
             f"checkpoint {where} holds trainable shapes {saved.get('trainable_shapes')} but this "
             f"config makes {meta['trainable_shapes']}; use a new --workdir or the original "
             "prefix/trainable settings")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    restored = mgr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.state
+
+
+def _quarantine(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None:
+    """Move an unreadable step aside (kept for inspection, out of orbax's way) and warn."""
+    source = os.path.join(str(mgr.directory), str(step))
+    target_dir = os.path.join(os.path.dirname(str(mgr.directory)), "corrupt_checkpoints")
+    os.makedirs(target_dir, exist_ok=True)
+    target = os.path.join(target_dir, f"{step}-{int(time.time())}")
+    if jax.process_index() == 0:
+        shutil.move(source, target)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    message = (f"warning: checkpoint {source} is unreadable ({type(error).__name__}: "
+               f"{first_line}); moved to {target}, trying the previous one")
+    logging.warning(message)
+    print(message, file=sys.stderr)
+    mgr.reload()
 
 
 def load_state_arrays(workdir: str, step: int | None = None) -> dict:

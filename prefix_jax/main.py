@@ -58,6 +58,12 @@ def main(argv: list[str]) -> None:
         _fail(f"unexpected arguments {argv[1:]}: every option is a --flag")
     if _CONFIG.value is None:
         _fail("--config is required, e.g. --config=experiments/e2e_smollm2.py:runlocal")
+    try:
+        config = _CONFIG.value
+        config.get("train")  # a config file that failed to load raises on first access
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        _fail(f"--config could not be loaded: {lines[-1]}; check the file path")
     if not _WORKDIR.value:
         _fail("--workdir is required: the directory for checkpoints, logs and results")
     from prefix_jax import train  # after flag checks: importing JAX takes seconds
@@ -65,12 +71,18 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # orbax and grain log every save at INFO; the progress bar and prints tell the story.
         logging.set_verbosity(logging.WARNING)
+    from prefix_jax.preemption import Stopped
+
     try:
-        result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        result = train.train_and_evaluate(config, _WORKDIR.value)
     except UserError as e:
         if _TRACEBACK.value:
             raise
         _fail(str(e))
+    except Stopped as e:
+        # A clean stop (checkpoint saved); the status says "killed by this signal" to schedulers.
+        print(f"{e}: checkpoint saved; rerun the same command to resume", file=sys.stderr)
+        sys.exit(128 + e.signum)
     print("final:", ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in result.items()))
 

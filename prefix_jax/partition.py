@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import optax
 
+from prefix_jax.errors import UserError
+
 TRAIN, FREEZE = "train", "freeze"
 
 
@@ -25,7 +27,11 @@ def path_str(path) -> str:
 
 def labels(params, trainable_regex: str):
     """A tree like `params` with "train" where the path matches `trainable_regex` (re.search)."""
-    pattern = re.compile(trainable_regex)
+    try:
+        pattern = re.compile(trainable_regex)
+    except re.error as e:
+        raise UserError(f"trainable={trainable_regex!r} is not a valid regex ({e}); e.g. "
+                        "'^prefix/'") from None
     return jax.tree_util.tree_map_with_path(
         lambda p, _: TRAIN if pattern.search(path_str(p)) else FREEZE, params)
 

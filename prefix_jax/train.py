@@ -22,7 +22,17 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from prefix_jax import checkpoint, configs, decoding, metrics, models, optim, partition, prefix
+from prefix_jax import (
+    checkpoint,
+    configs,
+    decoding,
+    metrics,
+    models,
+    optim,
+    partition,
+    preemption,
+    prefix,
+)
 from prefix_jax import sharding as shd
 from prefix_jax.data import e2e, pipeline
 from prefix_jax.errors import UserError
@@ -127,10 +137,59 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     return Setup(Model(loaded.module, prefix_module, offset), labels, tx, state, frozen)
 
 
+class DivergedError(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_main: bool
+                  ) -> list[float]:
+    """The pending losses as floats; at the first non-finite one, a crash report and an error."""
+    losses = []
+    for step, loss in pending:
+        value = float(loss)
+        if not np.isfinite(value):
+            last_good = ckpt.latest_step()
+            report = {"step": step, "loss": str(value), "last_good_checkpoint": last_good,
+                      "recent_losses": losses[-20:],
+                      "hint": "lower optim.lr or raise optim.warmup_steps, then rerun: the run "
+                              "resumes from the last good checkpoint"}
+            path = os.path.join(workdir, "crash_report.json")
+            if is_main:
+                with open(path, "w") as f:
+                    json.dump(report, f, indent=2)
+            raise DivergedError(f"train loss is {value} at step {step}; last good checkpoint: "
+                                f"step {last_good}; report in {path}; lower optim.lr and rerun")
+        losses.append(value)
+    return losses
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir is a writable directory, or can be created as one."""
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--workdir={workdir} is a file, not a directory; pick another path")
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--workdir={workdir} cannot be created or written ({existing} is not a "
+                        "writable directory); pick a writable path")
+
+
+def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, meta: dict) -> None:
+    try:
+        checkpoint.save(ckpt, step, state, data_iter, meta)
+    except OSError as e:
+        raise UserError(f"writing the step-{step} checkpoint to {ckpt.directory} failed ({e}); "
+                        "free disk space or use another --workdir and rerun: the previous "
+                        "checkpoint is kept") from e
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train the configured prefix, evaluate on dev, return the final metrics."""
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
+    _check_workdir(workdir)
     if config.data.task != "e2e":
         raise UserError(f"data.task={config.data.task!r}: only 'e2e' is supported so far")
     train_pairs = e2e.read_pairs(config.data.dir, "train")
@@ -211,44 +270,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             with open(untuned_path, "w") as f:
                 json.dump(scores, f, indent=2)
 
-    # ---- Train loop.
+    # ---- Train loop. Losses stay on the device until a log or checkpoint step, where every
+    # pending one is checked: a non-finite loss stops the run before its state is saved.
     start = int(state.step)
     num_steps = config.train.num_steps
     seen_shapes: set[tuple[int, ...]] = set()
-    tokens_since, time_since, loss_sum, loss_count = 0, time.perf_counter(), 0.0, 0
+    pending: list[tuple[int, jax.Array]] = []
+    checked_losses: list[float] = []
+    tokens_since, time_since = 0, time.perf_counter()
     bar = tqdm(total=num_steps, initial=start, desc="train", disable=not is_main,
                dynamic_ncols=True)
     last_eval: dict[str, float] = {}
-    for step in range(start + 1, num_steps + 1):
-        local = next(data_iter)
-        if local["tokens"].shape not in seen_shapes:
-            seen_shapes.add(local["tokens"].shape)
-            logging.info("compiling the train step for batch shape %s", local["tokens"].shape)
-        batch = shd.global_batch(local, mesh)
-        state, step_metrics = step_fn(state, frozen, batch)
-        tokens_since += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+    with preemption.stop_on_signals() as stop:
+        for step in range(start + 1, num_steps + 1):
+            local = next(data_iter)
+            if local["tokens"].shape not in seen_shapes:
+                seen_shapes.add(local["tokens"].shape)
+                logging.info("compiling the train step for batch shape %s", local["tokens"].shape)
+            batch = shd.global_batch(local, mesh)
+            state, step_metrics = step_fn(state, frozen, batch)
+            pending.append((step, step_metrics["train/loss"]))
+            tokens_since += int((local["segment_ids"] > 0).sum()) * jax.process_count()
+            bar.update(1)
 
-        if step % config.train.log_every == 0 or step == num_steps:
-            loss = float(step_metrics["train/loss"])  # waits for the step
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"train loss is {loss} at step {step}")
-            elapsed = time.perf_counter() - time_since
-            scalars = {"train/loss": loss,
-                       "train/grad_norm": float(step_metrics["train/grad_norm"]),
-                       "train/tokens_per_sec": tokens_since / elapsed,
-                       "train/lr": float(optim.schedule(config.optim, num_steps)(step - 1))}
-            writer.write(step, scalars)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
-            tokens_since, time_since = 0, time.perf_counter()
-            loss_sum, loss_count = loss_sum + loss, loss_count + 1
-        bar.update(1)
-
-        if step % config.train.checkpoint_every == 0 or step == num_steps:
-            checkpoint.save(ckpt, step, state, data_iter, meta)
-        if config.train.eval_every and step % config.train.eval_every == 0 and step != num_steps:
-            last_eval = run_eval(step, True, f"dev_step{step}")
-            writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
-            time_since = time.perf_counter()  # eval time is not training throughput
+            log_now = step % config.train.log_every == 0 or step == num_steps
+            save_now = (step % config.train.checkpoint_every == 0 or step == num_steps
+                        or stop.requested)
+            if log_now or save_now:
+                checked_losses += _check_finite(pending, workdir, ckpt, is_main)
+                pending.clear()
+            if log_now:
+                elapsed = time.perf_counter() - time_since
+                scalars = {"train/loss": float(np.mean(checked_losses)),
+                           "train/grad_norm": float(step_metrics["train/grad_norm"]),
+                           "train/tokens_per_sec": tokens_since / elapsed,
+                           "train/lr": float(optim.schedule(config.optim, num_steps)(step - 1))}
+                writer.write(step, scalars)
+                bar.set_postfix(loss=f"{scalars['train/loss']:.3f}",
+                                tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
+                checked_losses, tokens_since, time_since = [], 0, time.perf_counter()
+            if save_now:
+                _save_checkpoint(ckpt, step, state, data_iter, meta)
+            if stop.requested:
+                ckpt.wait_until_finished()
+                bar.close()
+                writer.close()
+                raise preemption.Stopped(step, stop.signum)
+            if config.train.eval_every and step % config.train.eval_every == 0 \
+                    and step != num_steps:
+                last_eval = run_eval(step, True, f"dev_step{step}")
+                writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+                time_since = time.perf_counter()  # eval time is not training throughput
     bar.close()
     ckpt.wait_until_finished()
 

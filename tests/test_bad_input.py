@@ -1,4 +1,5 @@
-"""User mistakes end with one clear line on stderr, exit status 2, and an untouched workdir."""
+"""The bad-input catalog: each mistake ends with one `error:` line naming the problem, exit
+status 2, no traceback, and the workdir exactly as it was (byte for byte)."""
 
 import os
 import subprocess
@@ -9,60 +10,184 @@ import pytest
 from tests.helpers import E2E_DIR
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNLOCAL = os.path.join(REPO, "experiments", "e2e_smollm2.py") + ":runlocal"
+EXPERIMENT = os.path.join(REPO, "experiments", "e2e_smollm2.py")
+RUNLOCAL = f"--config={EXPERIMENT}:runlocal"
+FAST = ["--config.eval.num_examples=0", "--config.eval.eval_untuned=False"]
 
 
-def _run(workdir, *flags):
+def run_main(*flags, workdir=None, timeout=300):
+    args = [sys.executable, "-m", "prefix_jax.main", *flags]
+    if workdir is not None:
+        args.append(f"--workdir={workdir}")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", "prefix_jax.main", f"--config={RUNLOCAL}",
-                           f"--workdir={workdir}", *flags], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=REPO)
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
 
 
-def _snapshot(path):
+def snapshot(path):
     out = {}
-    for root, _, files in os.walk(path):
-        for f in files:
-            p = os.path.join(root, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, path)] = fh.read()
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(root, name)
+            rel = os.path.relpath(p, path)
+            if os.path.isfile(p):
+                with open(p, "rb") as fh:
+                    out[rel] = fh.read()
+            else:
+                out[rel] = None
     return out
 
 
-CASES = {
-    "unknown-config-field": (["--config.prefix.lenght=3"], "lenght"),
-    "negative-prefix-length": (["--config.prefix.length=-1"], "prefix.length=-1"),
-    "missing-data-dir": (["--config.data.dir=/nonexistent/e2e"], "/nonexistent/e2e"),
-    "missing-model-file": (["--config.model.path=/nonexistent/model.gguf"],
-                           "/nonexistent/model.gguf"),
-    "unknown-config-arg": (["--config=" + RUNLOCAL + ",prefixlen=3"], "prefixlen"),
-    "wrong-type-value": (["--config.train.num_steps=abc"], "num_steps"),
-    "bad-mode": (["--config.prefix.mode=banana"], "prefix.mode"),
+def data_dir_with(tmp, train_text=None, drop=()):
+    """A copy of the E2E dir (symlinks) with trainset.csv replaced or some files left out."""
+    d = tmp / "e2e"
+    d.mkdir()
+    for name in ("trainset.csv", "devset.csv", "testset_w_refs.csv"):
+        if name in drop or (name == "trainset.csv" and train_text is not None):
+            continue
+        os.symlink(os.path.join(E2E_DIR, name), d / name)
+    if train_text is not None:
+        (d / "trainset.csv").write_text(train_text)
+    return d
+
+
+def tiny_hf_dir_with_wrong_tokenizer(tmp):
+    """An HF Llama dir whose tokenizer has more tokens than the model's vocabulary."""
+    import torch
+    import transformers
+
+    from prefix_jax import models
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=512)
+    d = tmp / "hf_model"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    models.byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def trained_workdir(tmp):
+    """A workdir holding a 2-step runlocal checkpoint."""
+    w = tmp / "run"
+    r = run_main(RUNLOCAL, *FAST, "--config.train.num_steps=2", workdir=w)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return w
+
+
+GOOD_ROW = '"name[A], eatType[pub]",A is a pub.\n'
+EMPTY_TRAIN = "mr,ref\n"
+BAD_HEADER = "a,b\n" + GOOD_ROW
+BAD_ROW = "mr,ref\n" + GOOD_ROW + '"name[B]"\n'  # line 3: one field
+
+
+def data_flag(tmp, train_text=None, drop=()):
+    return f"--config.data.dir={data_dir_with(tmp, train_text, drop)}"
+
+
+# name -> (setup(tmp) -> (flags, workdir or None), text the error line must contain)
+CATALOG = {
+    "unknown-config-field": (lambda t: ([RUNLOCAL, "--config.prefix.lenght=3"], None),
+                             "unknown field 'lenght'"),
+    "unknown-config-section": (lambda t: ([RUNLOCAL, "--config.prefixx.length=3"], None),
+                               "'prefixx'"),
+    "unknown-config-arg": (lambda t: ([RUNLOCAL + ",prefixlen=3"], None), "prefixlen"),
+    "config-arg-wrong-type": (lambda t: ([RUNLOCAL + ",prefix_len=ten"], None), "prefix_len"),
+    "wrong-type-value": (lambda t: ([RUNLOCAL, "--config.train.num_steps=abc"], None),
+                         "num_steps"),
+    "missing-config-file": (lambda t: (["--config=experiments/nope.py"], None), "nope.py"),
+    "missing-workdir-flag": (lambda t: ([RUNLOCAL], "none"), "--workdir"),
+    "extra-argument": (lambda t: ([RUNLOCAL, "oops"], None), "oops"),
+    "negative-prefix-length": (lambda t: ([RUNLOCAL, "--config.prefix.length=-1"], None),
+                               "prefix.length=-1"),
+    "bad-prefix-mode": (lambda t: ([RUNLOCAL, "--config.prefix.mode=banana"], None),
+                        "prefix.mode"),
+    "bad-prefix-init": (lambda t: ([RUNLOCAL, "--config.prefix.init=magic"], None),
+                        "prefix.init"),
+    "bad-positions": (lambda t: ([RUNLOCAL, "--config.prefix.positions=middle"], None),
+                      "prefix.positions"),
+    "zero-steps": (lambda t: ([RUNLOCAL, "--config.train.num_steps=0"], None),
+                   "train.num_steps=0"),
+    "zero-batch": (lambda t: ([RUNLOCAL, "--config.train.batch_size=0"], None),
+                   "train.batch_size=0"),
+    "negative-lr": (lambda t: ([RUNLOCAL, "--config.optim.lr=-1.0"], None), "optim.lr"),
+    "bad-dtype": (lambda t: ([RUNLOCAL, "--config.model.dtype=float16"], None), "model.dtype"),
+    "regex-matches-nothing": (lambda t: ([RUNLOCAL, "--config.trainable=^nothing/"], None),
+                              "matches no parameter"),
+    "invalid-regex": (lambda t: ([RUNLOCAL, "--config.trainable=(prefix"], None),
+                      "not a valid regex"),
+    "missing-model-file": (lambda t: ([RUNLOCAL, "--config.model.path=/nonexistent/m.gguf"],
+                                      None), "/nonexistent/m.gguf"),
+    "corrupt-model-file": (lambda t: ([RUNLOCAL, f"--config.model.path={_garbage(t)}"], None),
+                           "not a readable Llama GGUF"),
+    "tokenizer-model-mismatch": (
+        lambda t: ([RUNLOCAL, f"--config.model.path={tiny_hf_dir_with_wrong_tokenizer(t)}"],
+                   None), "belongs to another model"),
+    "missing-data-dir": (lambda t: ([RUNLOCAL, "--config.data.dir=/nonexistent/e2e"], None),
+                         "/nonexistent/e2e"),
+    "missing-train-file": (
+        lambda t: ([RUNLOCAL, data_flag(t, drop=("trainset.csv",))], None), "trainset.csv"),
+    "empty-train-file": (
+        lambda t: ([RUNLOCAL, data_flag(t, EMPTY_TRAIN)], None), "no data rows"),
+    "malformed-header": (
+        lambda t: ([RUNLOCAL, data_flag(t, BAD_HEADER)], None), "trainset.csv:1:"),
+    "bad-data-row": (lambda t: ([RUNLOCAL, data_flag(t, BAD_ROW)], None), "trainset.csv:3:"),
+    "fewer-examples-than-batch": (lambda t: ([RUNLOCAL, "--config.data.train_examples=2"], None),
+                                  "fewer than train.batch_size"),
+    "sequence-longer-than-max-len": (lambda t: ([RUNLOCAL, "--config.data.max_len=20"], None),
+                                     "longer than data.max_len=20"),
+    "max-len-over-model-maximum": (lambda t: ([RUNLOCAL, "--config.data.max_len=100000"], None),
+                                   "maximum sequence length"),
+    "workdir-is-a-file": (lambda t: ([RUNLOCAL], _file(t)), "is a file"),
+    "unwritable-workdir": (lambda t: ([RUNLOCAL], os.path.join(_file(t), "run")),
+                           "cannot be created"),
+    "checkpoint-of-another-model": (
+        lambda t: ([RUNLOCAL, *FAST, "--config.model.path=tiny-mha"], trained_workdir(t)),
+        "fingerprint"),
+    "checkpoint-of-another-prefix-shape": (
+        lambda t: ([RUNLOCAL, *FAST, "--config.prefix.length=3"], trained_workdir(t)),
+        "trainable shapes"),
 }
 
 
-@pytest.mark.parametrize("flags,named", CASES.values(), ids=CASES.keys())
-def test_bad_input_one_line_exit_2_workdir_untouched(tmp_path, flags, named):
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "notes.txt").write_text("keep me")
-    before = _snapshot(workdir)
-    result = _run(workdir, *flags)
-    assert result.returncode == 2, result.stderr[-2000:]
+def _garbage(tmp):
+    p = tmp / "broken.gguf"
+    p.write_bytes(b"this is not a gguf file" * 10)
+    return p
+
+
+def _file(tmp):
+    p = tmp / "a_file"
+    p.write_text("not a directory")
+    return str(p)
+
+
+def test_catalog_is_large_enough():
+    assert len(CATALOG) >= 20
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_bad_input(tmp_path, name):
+    setup, named = CATALOG[name]
+    flags, workdir = setup(tmp_path)
+    if workdir is None:
+        workdir = tmp_path / "run"
+        workdir.mkdir()
+        (workdir / "notes.txt").write_text("keep me")
+    before = snapshot(workdir) if workdir != "none" and os.path.isdir(workdir) else None
+    result = run_main(*flags, workdir=None if workdir == "none" else workdir)
+    assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and named in errors[0], result.stderr[-2000:]
+    assert len(errors) == 1 and named in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    assert _snapshot(workdir) == before
+    if before is not None:
+        assert snapshot(workdir) == before
+    elif workdir != "none":
+        assert not os.path.exists(workdir) or not os.path.isdir(workdir)
 
 
-def test_bad_data_row_names_file_and_line(tmp_path):
-    data = tmp_path / "e2e"
-    data.mkdir()
-    for name in ("devset.csv", "testset_w_refs.csv"):
-        os.symlink(os.path.join(E2E_DIR, name), data / name)
-    (data / "trainset.csv").write_text('mr,ref\n"name[A]",A is a pub.\n"name[B]"\n')
-    result = _run(tmp_path / "run", f"--config.data.dir={data}")
-    assert result.returncode == 2
-    assert f"{data / 'trainset.csv'}:3:" in result.stderr
-    assert not (tmp_path / "run").exists()
+def test_traceback_flag_shows_the_stack(tmp_path):
+    result = run_main(RUNLOCAL, "--config.data.dir=/nonexistent/e2e", "--traceback",
+                      workdir=tmp_path / "run")
+    assert result.returncode != 0 and "Traceback" in result.stderr
