@@ -19,6 +19,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.seed = 0  # prefix init and data order
     config.model = configs.model_config("smollm2")
     config.prefix = configs.prefix_config(arg.prefix_len)
+    config.prefix.init = "text"  # activations of "table-to-text:" (starts near the base's loss)
     config.trainable = r"^prefix/"  # regex over "/"-joined param paths; matches train
     config.data = ml_collections.ConfigDict(dict(
         task="e2e",
@@ -27,13 +28,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_examples=0,  # use only the first N shuffled training pairs; 0 = all
         bucket_multiple=16,  # batches are padded to a multiple of this (bounds recompiles)
     ))
-    config.optim = configs.optim_config(lr=5e-3)
-    config.train = configs.train_config(num_steps=300, batch_size=8)
+    config.optim = configs.optim_config(lr=1e-2)
+    config.train = configs.train_config(num_steps=500, batch_size=8)
     config.train.checkpoint_every = 100
     config.eval = configs.eval_config(num_examples=200)
 
     if arg.runlocal:
         config.model.path = "tiny"
+        config.prefix.init = "random"
         config.data.max_len = 384  # the tiny model's tokenizer is byte-level
         config.data.train_examples = 256
         config.train.num_steps = 30

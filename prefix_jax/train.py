@@ -56,22 +56,28 @@ class Model:
     position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
 
 
-def forward(model: Model, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
-    """Logits `[B, T, V]` of a batch with the prefix in front at every layer."""
+def target_logits(model: Model, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
+    """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer.
+
+    The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
+    the loss reads it, not on the source and padding positions.
+    """
     kv = model.prefix.apply({"params": params["prefix"]})
     mask = causal_mask(batch["segment_ids"], prefix.length(kv))
-    logits, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
-                                 batch["positions"] + model.position_offset, mask, prefix=kv)
-    return logits
+    hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
+                                 batch["positions"] + model.position_offset, mask, prefix=kv,
+                                 return_hidden=True)
+    hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
+    return model.base.apply({"params": params["base"]}, hidden, method=Llama.logits)
 
 
 def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model):
     """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
-    logits = forward(model, partition.merge(trainable, frozen), batch)
+    logits = target_logits(model, partition.merge(trainable, frozen), batch)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["targets"])
-    n_target = jnp.maximum(batch["loss_mask"].sum(), 1.0)
-    return (ce * batch["loss_mask"]).sum() / n_target
+                                                         batch["target_tokens"])
+    weight = batch["target_weight"]
+    return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
 
 
 def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,
@@ -284,9 +290,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.stop_on_signals() as stop:
         for step in range(start + 1, num_steps + 1):
             local = next(data_iter)
-            if local["tokens"].shape not in seen_shapes:
-                seen_shapes.add(local["tokens"].shape)
-                logging.info("compiling the train step for batch shape %s", local["tokens"].shape)
+            shapes = (local["tokens"].shape, local["target_index"].shape)
+            if shapes not in seen_shapes:
+                seen_shapes.add(shapes)
+                logging.info("compiling the train step for batch shapes %s (tokens, targets)",
+                             shapes)
             batch = shd.global_batch(local, mesh)
             state, step_metrics = step_fn(state, frozen, batch)
             pending.append((step, step_metrics["train/loss"]))
@@ -335,9 +343,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
-    if final:
-        before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
-        line = " | ".join(f"{k} {before.get(k, float('nan')):.1f} -> {v:.1f}"
-                          for k, v in final.items())
+    before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
+    if final and before:
+        line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())
         print(f"\ndev ({len(dev_sources)} MRs, greedy), untuned -> prefix-tuned: {line}")
     return result

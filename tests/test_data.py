@@ -23,17 +23,21 @@ def test_e2e_splits_and_references():
     assert refs[0][0].startswith("There is a place in the city centre, Alimentum")
 
 
-def test_loss_mask_covers_exactly_the_target_and_eos(tokenizer):
-    pair = e2e.Pair("name[A]", "A is a pub.")
-    (ex,) = pipeline.tokenize_pairs([pair], tokenizer, 128, "x")
-    batch = pipeline.collate([ex], 16, pad_id=2)
-    n = len(ex.tokens) - 1
-    masked_targets = batch["targets"][0][batch["loss_mask"][0] > 0]
-    assert tokenizer.decode(masked_targets[:-1]) == " A is a pub."
-    assert masked_targets[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(batch["tokens"][0][:ex.n_source]) == "name[A]\nDescription:"
-    assert batch["tokens"].shape[1] % 16 == 0 and batch["segment_ids"][0, n:].sum() == 0
-    np.testing.assert_array_equal(batch["targets"][0, :n], ex.tokens[1:])
+def test_loss_targets_are_exactly_the_target_and_eos(tokenizer):
+    pairs = [e2e.Pair("name[A]", "A is a pub."), e2e.Pair("name[Bb], food[X]", "Bb.")]
+    examples = pipeline.tokenize_pairs(pairs, tokenizer, 128, "x")
+    batch = pipeline.collate(examples, 16, pad_id=2)
+    for row, ex in enumerate(examples):
+        real = batch["target_weight"][row] > 0
+        targets = batch["target_tokens"][row][real]
+        assert tokenizer.decode(targets[:-1]) == " " + pairs[row].target
+        assert targets[-1] == tokenizer.eos_token_id
+        # The logits read at target_index predict the token that follows it in the sequence.
+        np.testing.assert_array_equal(ex.tokens[batch["target_index"][row][real] + 1], targets)
+        n = len(ex.tokens) - 1
+        assert batch["segment_ids"][row, :n].all() and not batch["segment_ids"][row, n:].any()
+    assert tokenizer.decode(batch["tokens"][0][:examples[0].n_source]) == "name[A]\nDescription:"
+    assert batch["tokens"].shape[1] % 16 == 0 and batch["target_index"].shape[1] % 16 == 0
 
 
 def test_too_long_pair_is_an_error(tokenizer):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import models, partition, train
+from prefix_jax.models.llama import causal_mask
 from tests.helpers import runlocal_config, tiny_batch
 
 
@@ -35,6 +36,25 @@ def test_base_bitwise_unchanged_and_prefix_trains(tiny):
                  merged["base"], base_before)
     assert not np.array_equal(np.asarray(state.trainable["prefix"]["key"]), prefix_before)
     assert int(state.step) == 3
+
+
+def test_target_position_loss_equals_full_logits_loss(tiny):
+    """Reading logits only at target positions changes no number of the loss."""
+    setup = train.create_train_state(runlocal_config(), tiny)
+    batch = tiny_batch(tiny.tokenizer)
+    params = partition.merge(setup.state.trainable, setup.frozen)
+    kv = setup.model.prefix.apply({"params": params["prefix"]})
+    full, _ = tiny.module.apply({"params": tiny.params}, batch["tokens"], batch["positions"],
+                                causal_mask(batch["segment_ids"], kv.k.shape[2]), prefix=kv)
+    logp = jax.nn.log_softmax(full, axis=-1)
+    total, count = 0.0, 0
+    for row in range(batch["tokens"].shape[0]):
+        for i, tok, w in zip(*(np.asarray(batch[k][row]) for k in
+                               ("target_index", "target_tokens", "target_weight"))):
+            if w:
+                total, count = total - float(logp[row, i, tok]), count + 1
+    got = float(train.loss_fn(setup.state.trainable, setup.frozen, batch, setup.model))
+    np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 
 def test_optimizer_state_has_no_base_sized_array(tiny):

@@ -47,33 +47,40 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def padded_length(examples: list[Tokenized], bucket_multiple: int) -> int:
-    return round_up(max(len(e.tokens) - 1 for e in examples), bucket_multiple)
+def padded_lengths(examples: list[Tokenized], bucket_multiple: int) -> tuple[int, int]:
+    """(sequence width, target width) that a batch of `examples` is padded to."""
+    seq = round_up(max(len(e.tokens) - 1 for e in examples), bucket_multiple)
+    target = round_up(max(len(e.tokens) - e.n_source for e in examples), bucket_multiple)
+    return seq, target
 
 
 def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
-            length: int | None = None) -> dict[str, np.ndarray]:
-    """Right-padded next-token batch: inputs = seq[:-1], targets = seq[1:].
+            widths: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Right-padded next-token batch, inputs = seq[:-1], with the loss read at target positions.
 
-    `length` (default: the bucket of the longest example) fixes the padded width, so that every
-    process pads its rows of a global batch alike.
-
-    `loss_mask` is 1 where the target is a target-text token (incl. EOS); `segment_ids` is 1 on
-    real tokens, 0 on padding (packing would number segments 1, 2, ...).
+    `tokens`, `positions`, `segment_ids` are `[B, T]`; `segment_ids` is 1 on real tokens and 0
+    on padding (packing would number segments 1, 2, ...). The loss needs logits only where the
+    next token is target text (incl. EOS): `target_index` `[B, W]` holds those positions,
+    `target_tokens` the tokens to predict there, `target_weight` 1 for real entries, so the LM
+    head runs on W instead of T positions. `widths` (default: buckets of this batch) fixes
+    (T, W), so every process pads its rows of a global batch alike.
     """
-    t = length or padded_length(examples, bucket_multiple)
+    t, w = widths or padded_lengths(examples, bucket_multiple)
     b = len(examples)
     batch = dict(tokens=np.full((b, t), pad_id, np.int32),
-                 targets=np.full((b, t), pad_id, np.int32),
                  positions=np.zeros((b, t), np.int32), segment_ids=np.zeros((b, t), np.int32),
-                 loss_mask=np.zeros((b, t), np.float32))
+                 target_index=np.zeros((b, w), np.int32),
+                 target_tokens=np.full((b, w), pad_id, np.int32),
+                 target_weight=np.zeros((b, w), np.float32))
     for row, e in enumerate(examples):
         n = len(e.tokens) - 1
         batch["tokens"][row, :n] = e.tokens[:-1]
-        batch["targets"][row, :n] = e.tokens[1:]
         batch["positions"][row, :n] = np.arange(n)
         batch["segment_ids"][row, :n] = 1
-        batch["loss_mask"][row, e.n_source - 1:n] = 1.0
+        k = n - (e.n_source - 1)  # positions n_source-1 .. n-1 predict the target tokens
+        batch["target_index"][row, :k] = np.arange(e.n_source - 1, n)
+        batch["target_tokens"][row, :k] = e.tokens[e.n_source:]
+        batch["target_weight"][row, :k] = 1.0
     return batch
 
 
@@ -126,8 +133,8 @@ def train_iterator(examples: list[Tokenized], batch_size: int, seed: int, bucket
 
     def make_batch(i: int) -> dict[str, np.ndarray]:
         ids = plan(int(i))
-        width = padded_length([examples[j] for j in ids], bucket_multiple)
-        return collate([examples[j] for j in ids[rows]], bucket_multiple, pad_id, width)
+        widths = padded_lengths([examples[j] for j in ids], bucket_multiple)
+        return collate([examples[j] for j in ids[rows]], bucket_multiple, pad_id, widths)
 
     dataset = grain.MapDataset.range(num_batches).map(make_batch)
     return iter(dataset.to_iter_dataset())
