@@ -29,3 +29,21 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2):
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-3, rtol=0)
     # The model is the instruct model, not noise: it predicts the text it was given.
     assert (np.argmax(want[:-1], -1) == np.asarray(ids[1:])).mean() > 0.3
+
+
+def test_gguf_tokenizer_equals_transformers_gguf_tokenizer(smollm2):
+    """Our torch-free GGUF tokenizer gives transformers' token ids, special tokens and decoding."""
+    path = models.smollm2_gguf_path()
+    want = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path))
+    got = smollm2.tokenizer
+    texts = ["name[The Eagle], eatType[coffee shop], priceRange[£20-25]\nDescription:",
+             " Café Brazil is 5 out of 5, near  Burger King 2024!<|im_end|>", "  leading spaces"]
+    for text in texts:
+        assert got(text, add_special_tokens=False).input_ids == \
+            want(text, add_special_tokens=False).input_ids
+        ids = want(text, add_special_tokens=False).input_ids
+        assert got.decode(ids) == want.decode(ids)
+    assert (got.eos_token, got.eos_token_id, got.bos_token) == \
+        (want.eos_token, want.eos_token_id, want.bos_token)
+    assert len(got) == len(want) == smollm2.config.vocab_size

@@ -50,9 +50,9 @@ def smollm2_gguf_path() -> str:
 
 @functools.lru_cache(maxsize=4)
 def _gguf_tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from prefix_jax.models.gguf_llama import load_gguf_tokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    return load_gguf_tokenizer(path)
 
 
 @functools.lru_cache(maxsize=1)

@@ -84,3 +84,34 @@ def load_gguf(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
                 w = _unpermute_rope_rows(w, cfg.n_kv_heads)
             tensors[f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"] = w
     return cfg, params_from_hf(cfg, tensors)
+
+
+def load_gguf_tokenizer(path: str):
+    """The tokenizer described by a GGUF file's metadata, as a PreTrainedTokenizerFast.
+
+    transformers' own `from_pretrained(gguf_file=...)` reads the metadata with a reader that
+    imports torch; here the `gguf` package reads it and transformers' converter builds the same
+    tokenizer (checked token for token in tests/test_gguf_smollm2.py), so training needs no torch.
+    """
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        GGUF_TOKENIZER_MAPPING,
+        convert_gguf_tokenizer,
+    )
+
+    reader = gguf.GGUFReader(path)
+    renames = GGUF_TOKENIZER_MAPPING["tokenizer"]
+    tokenizer_dict = {name: _field(reader, f"tokenizer.{key}") for key, name in renames.items()
+                      if f"tokenizer.{key}" in reader.fields}
+    if "tokens" not in tokenizer_dict:
+        raise ValueError("the GGUF file has no tokenizer.ggml.tokens")
+    backend, _ = convert_gguf_tokenizer(_field(reader, "general.architecture"), tokenizer_dict)
+    tokens = tokenizer_dict["tokens"]
+    special = {name: tokens[tokenizer_dict[key]] for name, key in
+               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id"))
+               if tokenizer_dict.get(key) is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=backend,
+                                   chat_template=_field(reader, "tokenizer.chat_template"),
+                                   **special)
