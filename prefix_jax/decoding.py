@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefix_jax import models
 from prefix_jax.models.llama import KV, Llama
 
 
@@ -93,8 +94,7 @@ def decode_texts(tokenizer, generated: np.ndarray, eos_id: int) -> list[str]:
 def generate(module: Llama, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
              batch_size: int, max_new_tokens: int, position_offset: int = 0) -> list[str]:
     """Greedy generations for prompt strings, in batches (last batch padded to full size)."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
+    eos, pad = tokenizer.eos_token_id, models.pad_id(tokenizer)
     ids = tokenizer(prompts, add_special_tokens=False).input_ids
     texts: list[str] = []
     for start in range(0, len(ids), batch_size):

@@ -228,7 +228,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # before anything in the workdir is written).
     data_iter = pipeline.train_iterator(
         train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
-        loaded.tokenizer.pad_token_id or loaded.tokenizer.eos_token_id, config.train.num_steps,
+        models.pad_id(loaded.tokenizer), config.train.num_steps,
         jax.process_index(), jax.process_count())
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
     meta = {"base_fingerprint": checkpoint.base_fingerprint(loaded.params),

@@ -73,6 +73,11 @@ def byte_tokenizer():
                                    additional_special_tokens=specials)
 
 
+def pad_id(tokenizer) -> int:
+    """The id padding is filled with (it is masked everywhere): the tokenizer's own, else EOS."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def tiny_config(name: str = "tiny", dtype: str = "float32", **overrides) -> LlamaConfig:
     fields = dict(vocab_size=len(byte_tokenizer()), d_model=64, n_layers=2, head_dim=16, d_ff=128,
                   rope_theta=10_000.0, tie_embeddings=True, max_seq_len=512, dtype=dtype)
