@@ -28,7 +28,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         train_examples=0,  # use only the first N shuffled training pairs; 0 = all
         bucket_multiple=16,  # batches are padded to a multiple of this (bounds recompiles)
     ))
-    config.optim = configs.optim_config(lr=1e-2)
+    config.optim = configs.optim_config(lr=2e-2)
     config.train = configs.train_config(num_steps=500, batch_size=8)
     config.train.checkpoint_every = 100
     config.eval = configs.eval_config(num_examples=200)
