@@ -43,3 +43,21 @@ def test_every_query_sees_the_prefix():
     moved = kv._replace(v=kv.v.at[0, 0, 1].add(5.0))
     diff = np.abs(_logits(loaded, kv, tokens) - _logits(loaded, moved, tokens)).max(axis=-1)[0]
     assert (diff > 1e-4).all(), diff
+
+
+def test_text_init_prefix_acts_like_the_text_in_context():
+    """A prefix initialized from the activations of a text, with real positions starting after
+    it, gives exactly the logits of the model reading that text first."""
+    loaded = models.load(configs.model_config("tiny"))
+    cfg = configs.prefix_config(length=5)
+    cfg.init, cfg.init_text = "text", "ab"  # cycled to "ababa"
+    module = prefix.build(cfg, loaded.config)
+    kv = module.apply({"params": prefix.init(module, jax.random.key(0), cfg, loaded)})
+    text = loaded.tokenizer("ababa", add_special_tokens=False).input_ids
+    rest = loaded.tokenizer(" then more", add_special_tokens=False).input_ids
+    t = len(rest)
+    with_prefix, _ = loaded.module.apply(
+        {"params": loaded.params}, jnp.asarray([rest]), jnp.arange(5, 5 + t)[None],
+        causal_mask(jnp.ones((1, t), int), 5), prefix=kv)
+    whole = _logits(loaded, None, jnp.asarray([text + rest]))
+    np.testing.assert_allclose(np.asarray(with_prefix[0]), whole[0, 5:], atol=1e-5)
