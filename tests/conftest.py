@@ -1,14 +1,11 @@
-"""Shared fixtures: tiny random models, the real SmolLM2 (loaded once per session)."""
+"""Shared fixtures: the real SmolLM2, loaded once per session."""
 
 import os
 
 import pytest
 
-# Tests run on the CPU whatever the machine has, with 64-bit off as in training.
+# Tests run on the CPU whatever the machine has (set before anything imports JAX).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-E2E_DIR = os.path.join(os.path.dirname(REPO), "shared", "data", "e2e")
 
 
 @pytest.fixture(scope="session")

@@ -1,15 +1,39 @@
 """Small builders shared by tests (configs and batches on the tiny random model)."""
 
-import os
-
 import jax.numpy as jnp
 import ml_collections
 
 from experiments import e2e_smollm2
+from prefix_jax import checkpoint, configs, train
 from prefix_jax.data import e2e, pipeline
 
-E2E_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
-                                        "e2e"))
+E2E_DIR = configs.default_data_dir("e2e")
+
+
+class SimulatedCrashError(Exception):
+    pass
+
+
+def crash_run_after_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int,
+                               monkeypatch) -> None:
+    """Run training until the checkpoint of `step` is complete, then crash (as a kill would)."""
+    real_save = checkpoint.save
+
+    def save_then_crash(mgr, saved_step, *args):
+        real_save(mgr, saved_step, *args)
+        if saved_step == step:
+            mgr.wait_until_finished()
+            raise SimulatedCrashError(saved_step)
+
+    monkeypatch.setattr(train.checkpoint, "save", save_then_crash)
+    try:
+        train.train_and_evaluate(config, workdir)
+    except SimulatedCrashError:
+        pass
+    else:
+        raise AssertionError(f"the run ended without reaching the step-{step} checkpoint")
+    finally:
+        monkeypatch.setattr(train.checkpoint, "save", real_save)
 
 
 def runlocal_config(**overrides) -> ml_collections.ConfigDict:

@@ -8,11 +8,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import checkpoint, train
-from tests.helpers import runlocal_config
-
-
-class SimulatedCrashError(Exception):
-    pass
+from tests.helpers import crash_run_after_checkpoint, runlocal_config
 
 
 def _read_metrics(workdir):
@@ -56,18 +52,7 @@ def test_crash_and_rerun_resumes_at_its_step(uninterrupted, tmp_path, monkeypatc
     full_dir, full_result = uninterrupted
     workdir = tmp_path / "crashy"
     config = runlocal_config()
-    real_save = checkpoint.save
-
-    def save_then_crash(mgr, step, *args):
-        real_save(mgr, step, *args)
-        if step == 20:
-            mgr.wait_until_finished()
-            raise SimulatedCrashError(step)
-
-    monkeypatch.setattr(train.checkpoint, "save", save_then_crash)
-    with pytest.raises(SimulatedCrashError):
-        train.train_and_evaluate(config, str(workdir))
-    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    crash_run_after_checkpoint(config, str(workdir), 20, monkeypatch)
 
     capsys.readouterr()
     result = train.train_and_evaluate(config, str(workdir))

@@ -18,7 +18,7 @@ import pytest
 
 from prefix_jax import checkpoint, train
 from prefix_jax.errors import UserError
-from tests.helpers import runlocal_config
+from tests.helpers import crash_run_after_checkpoint, runlocal_config
 from tests.test_bad_input import FAST, REPO, RUNLOCAL, run_main
 
 STEPS = ["--config.train.num_steps=40", "--config.train.checkpoint_every=5"]
@@ -90,10 +90,6 @@ def test_kill_9_then_rerun_gives_the_same_prefix(tmp_path, reference):
     assert_same_prefix(workdir, reference)
 
 
-class SimulatedCrashError(Exception):
-    pass
-
-
 def reference_config():
     return runlocal_config(eval__num_examples=0, eval__eval_untuned=False,
                            train__num_steps=40, train__checkpoint_every=5)
@@ -102,18 +98,7 @@ def reference_config():
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, reference, monkeypatch,
                                                               capsys):
     workdir = tmp_path / "run"
-    real_save = checkpoint.save
-
-    def save_then_crash(mgr, step, *args):
-        real_save(mgr, step, *args)
-        if step == 20:
-            mgr.wait_until_finished()
-            raise SimulatedCrashError
-
-    monkeypatch.setattr(train.checkpoint, "save", save_then_crash)
-    with pytest.raises(SimulatedCrashError):
-        train.train_and_evaluate(reference_config(), str(workdir))
-    monkeypatch.setattr(train.checkpoint, "save", real_save)
+    crash_run_after_checkpoint(reference_config(), str(workdir), 20, monkeypatch)
 
     latest = workdir / "checkpoints" / "20"
     for root, _, files in os.walk(latest / "state"):
