@@ -1,8 +1,11 @@
 """Checkpoints: an orbax CheckpointManager under `workdir/checkpoints`.
 
 Each step holds three items: `state` (step, trainable params, optimizer state: never the frozen
-base), `data` (the grain iterator's state) and `meta` (JSON: a fingerprint of the frozen base
-and the trainable shapes, checked on restore so a checkpoint never silently meets another model).
+base), `data` (the grain iterator's state, JSON) and `meta` (JSON: a fingerprint of the frozen
+base and the trainable shapes, checked on restore so a checkpoint never silently meets another
+model). Orbax writes sharded arrays from every process; the iterator state is the same in every
+process (each takes its rows of the same global batch), so a checkpoint written by N processes
+restores in M.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import shutil
 import sys
 import time
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -45,7 +47,7 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=grain.checkpoint.CheckpointSave(data_iter),
+                                           data=ocp.args.JsonSave(data_iter.get_state()),
                                            meta=ocp.args.JsonSave(meta)))
 
 
@@ -67,8 +69,8 @@ def restore_latest(mgr: ocp.CheckpointManager, state, data_iter, meta: dict):
         check_compatible(saved, meta, where)
         try:
             restored = mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            data_iter.set_state(restored.data)
         except Exception as e:
             _quarantine(mgr, step, e)
             continue
@@ -114,11 +116,18 @@ def _quarantine(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None
 
 
 def load_state_arrays(workdir: str, step: int | None = None) -> dict:
-    """The saved `state` item of a run (latest step by default) as nested dicts of arrays,
-    without needing the config that made it (for inspection, export and tests)."""
+    """The saved `state` item of a run (latest step by default) as nested dicts of arrays on
+    this process's first device, whatever mesh and processes wrote it, without needing the
+    config that made it (for inspection, export and tests)."""
     mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                 item_names=("state", "data", "meta"))
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no checkpoint; train first or pick the right --workdir")
-    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    path = os.path.join(str(mgr.directory), str(step), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as reader:
+        saved = reader.metadata(path).item_metadata  # shapes and dtypes, as saved
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              saved)
+        return reader.restore(path, target)

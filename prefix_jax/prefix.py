@@ -16,6 +16,11 @@ from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV, LlamaConfig
 
 MODES = ("kv",)
+
+# Logical names of the prefix parameters' dimensions (see sharding.py): replicated by default.
+LOGICAL_AXES = (
+    (r"(^|/)(key|value)$", ("layers", "prefix", "kv_heads", "head_dim")),
+)
 INITS = ("random", "zero", "text")
 
 
@@ -80,11 +85,15 @@ def text_activations(base, text: str, length: int) -> KV:
     ids = base.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise UserError(f"prefix.init_text={text!r} has no tokens; give a few words")
-    tokens = jnp.asarray(np.resize(np.asarray(ids, np.int32), length))[None]
-    positions = jnp.arange(length)[None]
-    _, kv = base.module.apply({"params": base.params}, tokens, positions,
-                              causal_mask(jnp.ones_like(tokens), 0))
-    return kv
+    tokens = np.resize(np.asarray(ids, np.int32), length)[None]
+
+    @jax.jit  # host inputs only: runs wherever the (possibly sharded) base params live
+    def forward(params, tokens):
+        positions = jnp.arange(tokens.shape[1])[None]
+        mask = causal_mask(jnp.ones_like(tokens), 0)
+        return base.module.apply({"params": params}, tokens, positions, mask)[1]
+
+    return forward(base.params, tokens)
 
 
 def length(prefix: KV | None) -> int:
