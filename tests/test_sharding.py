@@ -28,6 +28,8 @@ RUNS = {
     "data8": (8, 1, ["--config.mesh.data=8"]),
     "data2_fsdp4": (8, 1, ["--config.mesh.data=2", "--config.mesh.fsdp=4"]),
     "fsdp8": (8, 1, ["--config.mesh.data=1", "--config.mesh.fsdp=8"]),
+    "tensor_parallel": (8, 1, ["--config.mesh.data=2", "--config.mesh.fsdp=2",
+                               "--config.mesh.tensor=2"]),
     "two_processes": (4, 2, ["--config.mesh.data=2", "--config.mesh.fsdp=4"]),
 }
 
@@ -95,7 +97,8 @@ def _assert_close(a: np.ndarray, b: np.ndarray, what: str) -> None:
     assert relative <= 1e-5, f"{what}: relative difference {relative:.2e}"
 
 
-@pytest.mark.parametrize("name", ["data8", "data2_fsdp4", "fsdp8", "two_processes"])
+@pytest.mark.parametrize("name", ["data8", "data2_fsdp4", "fsdp8", "tensor_parallel",
+                                  "two_processes"])
 def test_mesh_trains_like_one_device(runs, name):
     reference = runs["one_device"]
     assert len(_losses(reference)) == 3
@@ -113,6 +116,9 @@ def test_fsdp8_holds_an_eighth_of_the_base_per_device(runs):
     # the measure can fail: data parallelism replicates the whole base on every device
     assert data["base_bytes_per_device_max"] == data["base_bytes"]
     assert fsdp["specs"]["frozen/base/layers/q_proj/kernel"] == "P(None, 'fsdp', None)"
+    tp = _layout(runs["tensor_parallel"])["specs"]
+    assert tp["frozen/base/layers/q_proj/kernel"] == "P(None, 'fsdp', 'tensor')"
+    assert tp["frozen/base/layers/down_proj/kernel"] == "P(None, 'tensor', 'fsdp')"
 
 
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
