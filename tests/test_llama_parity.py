@@ -84,3 +84,23 @@ def test_hf_directory_loader(tmp_path):
     got, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray([ids]),
                                  jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_flax_params_written_in_hf_layout_give_the_same_model(tie):
+    """params_to_hf/config_to_hf (used to hand our weights to transformers and peft) invert the
+    loader: a model rebuilt from them in transformers gives the Flax model's logits."""
+    from prefix_jax.models.hf_llama import config_to_hf, params_to_hf
+
+    cfg, params = _to_flax(_hf_tiny(2, tie))
+    rebuilt = transformers.LlamaForCausalLM(transformers.LlamaConfig(**config_to_hf(cfg))).eval()
+    state = {k: torch.from_numpy(v) for k, v in params_to_hf(cfg, params).items()}
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and (tie or not missing)
+    tokens = np.random.default_rng(1).integers(0, 259, size=(2, 9))
+    with torch.no_grad():
+        want = rebuilt(torch.tensor(tokens)).logits.numpy()
+    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    mask = llama.causal_mask(jnp.ones((2, 9), jnp.int32), 0)
+    got, _ = llama.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), positions, mask)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)

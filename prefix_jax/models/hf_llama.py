@@ -88,3 +88,28 @@ def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
     for name in files:
         tensors.update(load_file(os.path.join(path, name)))
     return cfg, params_from_hf(cfg, tensors)
+
+
+def config_to_hf(cfg: LlamaConfig) -> dict:
+    """The HF `config.json` fields of a LlamaConfig (inverse of `config_from_hf`)."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.d_ff, "rope_theta": cfg.rope_theta,
+            "rms_norm_eps": cfg.rms_eps, "tie_word_embeddings": cfg.tie_embeddings,
+            "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False}
+
+
+def params_to_hf(cfg: LlamaConfig, params: Mapping) -> dict[str, np.ndarray]:
+    """HF-named float32 tensors from Flax params (inverse of `params_from_hf`)."""
+    tensors = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"]),
+               "model.norm.weight": np.asarray(params["norm"]["scale"])}
+    for hf_name, (module, leaf, transpose) in _LAYER_TENSORS.items():
+        stacked = np.asarray(params["layers"][module][leaf])
+        for i in range(cfg.n_layers):
+            tensors[f"model.layers.{i}.{hf_name}"] = stacked[i].T if transpose else stacked[i]
+    if not cfg.tie_embeddings:
+        tensors["lm_head.weight"] = np.asarray(params["lm_head"]["kernel"]).T
+    return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
