@@ -56,7 +56,9 @@ def model_config(path: str = "smollm2") -> ml_collections.ConfigDict:
         dtype="float32",  # activation dtype: float32 is fastest on CPU, bfloat16 on accelerators
         param_dtype="float32",  # storage dtype of the frozen base ('bfloat16' halves its memory;
         # the prefix and its optimizer state stay float32)
-        remat="none",  # recompute activations in the backward pass: 'none', 'full' or 'dots'
+        remat="dots",  # recompute in the backward pass: 'none', 'full' or 'dots' (keep only
+        # weight-matmul outputs). 'dots' measured on the 2-core CPU, SmolLM2 4x128 prefix step:
+        # 46% less temporary memory than 'none' and ~4% faster (docs/performance.md)
     ))
 
 

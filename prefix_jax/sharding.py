@@ -104,12 +104,15 @@ def state_shardings(state, param_shardings, mesh: Mesh) -> Any:
                          opt_state=jax.tree_util.tree_map_with_path(one, state.opt_state))
 
 
-def place(tree, shardings) -> Any:
+def place(tree, shardings, consume: bool = False) -> Any:
     """Arrays -> global arrays with `shardings`, each device receiving only its own shard.
 
     Host arrays (and arrays this process holds whole) are cut on the host, so no device ever
     holds a full copy of a sharded parameter; every process holds the same values (each loads
     the model file) and contributes its addressable shards. Global arrays are resharded.
+    `consume=True` (for a tree of nested dicts that the caller gives up): each leaf of `tree` is
+    replaced by its placed array as soon as that exists, so the host copy is freed leaf by leaf
+    and a model never sits in memory twice (on CPU the "device" is host memory too).
     """
     def one(x, sharding):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -117,7 +120,18 @@ def place(tree, shardings) -> Any:
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
-    return jax.tree.map(one, tree, shardings)
+    if not consume:
+        return jax.tree.map(one, tree, shardings)
+
+    def walk(node: dict, node_shardings: dict) -> None:
+        for key in list(node):
+            if isinstance(node[key], dict):
+                walk(node[key], node_shardings[key])
+            else:
+                node[key] = one(node[key], node_shardings[key])
+
+    walk(tree, shardings)
+    return tree
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

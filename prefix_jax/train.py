@@ -129,9 +129,11 @@ def param_axes(path: str, ndim: int):
 
 
 def place_base(loaded: models.LoadedModel, mesh, rules) -> models.LoadedModel:
-    """The loaded base with its host arrays placed onto the mesh, each device taking its shard."""
+    """The loaded base placed onto the mesh, each device taking its shard. The host arrays of
+    `loaded.params` are replaced in place, one at a time (the base never exists twice)."""
     shardings = shd.tree_shardings({"base": loaded.params}, param_axes, mesh, rules)["base"]
-    return dataclasses.replace(loaded, params=shd.place(loaded.params, shardings))
+    shd.place(loaded.params, shardings, consume=True)
+    return loaded
 
 
 @dataclasses.dataclass(frozen=True)

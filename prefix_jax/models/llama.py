@@ -170,10 +170,13 @@ class Llama(nn.Module):
     """Decoder-only LM. Parameter names follow HF (`embed_tokens`, `layers/q_proj`, `norm`, ...).
 
     `remat` (a key of REMAT_POLICIES) trades compute for activation memory on long sequences.
+    `unroll` layers go into each scan iteration; `n_layers` unrolls the stack completely (a
+    slower compile; XLA's cost analysis counts a loop body once, so FLOP counts need it).
     """
 
     config: LlamaConfig
     remat: str = "none"
+    unroll: int = 1
 
     def setup(self):
         cfg = self.config
@@ -189,6 +192,7 @@ class Llama(nn.Module):
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
             length=cfg.n_layers,
+            unroll=self.unroll,
         )(cfg)
         self.norm = RMSNorm(cfg.rms_eps)
         if not cfg.tie_embeddings:
