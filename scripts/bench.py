@@ -57,14 +57,12 @@ def fixed_batch(vocab: int) -> dict[str, np.ndarray]:
             "target_weight": np.ones((FIXED_BATCH, n), np.float32)}
 
 
-def e2e_batches(tokenizer, pad: int) -> tuple[list[tuple[dict, list]], list[list]]:
+def e2e_batches(config, tokenizer, pad: int) -> tuple[list[tuple[dict, list]], list[list]]:
     """The first E2E_BATCHES training batches of prefix_jax (its batch, the rows' Tokenized),
     and as many batches as an HF Trainer makes them by default (shuffled, no length grouping)."""
-    from prefix_jax import configs
     from prefix_jax.data import e2e, pipeline
 
-    config = e2e_smollm2.get_config()
-    pairs = e2e.read_pairs(configs.default_data_dir("e2e"), "train")
+    pairs = e2e.read_pairs(config.data.dir, "train")
     examples = pipeline.tokenize_pairs(pairs, tokenizer, config.data.max_len, "trainset.csv")
     plan = pipeline.BatchPlan(np.asarray([len(e.tokens) for e in examples]), E2E_BATCH,
                               config.seed)
@@ -104,9 +102,13 @@ def hf_fixed_batch(batch: dict) -> dict:
 
 # ---- The two systems -----------------------------------------------------------------------
 
-def jax_config(trainable: str = r"^prefix/"):
-    config = e2e_smollm2.get_config()
+def jax_config(model: str, trainable: str = r"^prefix/"):
+    """The main job's config (its runlocal variant for the tiny models) with bench settings."""
+    config = e2e_smollm2.get_config("runlocal" if model.startswith("tiny") else None)
     config.unlock()
+    config.model.path = model
+    if model.startswith("tiny"):
+        config.data.max_len = 512  # every E2E pair fits the byte-level tokenizer's lengths
     config.prefix.length = PREFIX_LEN
     config.prefix.init = "random"
     config.prefix.init_std = 0.02
@@ -121,12 +123,11 @@ def jax_config(trainable: str = r"^prefix/"):
 class JaxSystem:
     """The train step exactly as train.py builds it (mesh, shardings, donation)."""
 
-    def __init__(self, loaded, trainable: str = r"^prefix/"):
+    def __init__(self, loaded, config):
         import jax
 
         from prefix_jax import sharding, train
 
-        config = jax_config(trainable)
         mesh = sharding.make_mesh(config.mesh)
         loaded = train.place_base(loaded, mesh, sharding.parse_rules(config.mesh.rules))
         self.setup = train.create_train_state(config, loaded, mesh)
@@ -185,7 +186,8 @@ class PeftSystem:
         hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg))
         with torch.device("meta"):  # no random init: the weights are assigned below
             model = transformers.LlamaForCausalLM(hf_cfg)
-        state = {k: torch.from_numpy(v) for k, v in params_to_hf(cfg, loaded.params).items()}
+        hf_tensors = params_to_hf(cfg, loaded.params)  # copies: torch owns its weights
+        state = {k: torch.from_numpy(np.array(v)) for k, v in hf_tensors.items()}
         if cfg.tie_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         model.load_state_dict(state, assign=True, strict=True)
@@ -261,14 +263,15 @@ def alternate(rounds: int, runs: dict) -> dict[str, list[float]]:
     return times
 
 
-def probe_memory(system: str, threads: int) -> None:
+def probe_memory(system: str, threads: int, model: str) -> None:
     """Child process: load, 3 fixed steps, print peak RSS (MiB) as JSON."""
     from prefix_jax import models
 
-    loaded = models.load(jax_config().model)
+    config = jax_config(model)
+    loaded = models.load(config.model)
     batch = fixed_batch(loaded.config.vocab_size)
     if system == "jax":
-        runner = JaxSystem(loaded)
+        runner = JaxSystem(loaded, config)
         del loaded
         runner.run([batch] * 3)
     else:
@@ -285,8 +288,9 @@ def probe_memory(system: str, threads: int) -> None:
     print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
-def peak_rss(system: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--probe", system, "--threads", str(threads)],
+def peak_rss(system: str, threads: int, model: str) -> float:
+    out = subprocess.run([sys.executable, __file__, "--probe", system, "--threads", str(threads),
+                          "--model", model],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
@@ -298,10 +302,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="fixed-workload steps per round")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--out", default="")
+    parser.add_argument("--model", default="smollm2", help="model.path (tiny: a smoke run)")
     parser.add_argument("--probe", choices=("jax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
-        return probe_memory(args.probe, args.threads)
+        return probe_memory(args.probe, args.threads, args.model)
 
     import jax
     import torch
@@ -311,16 +316,17 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
           f"{args.threads} threads")
-    loaded = models.load(jax_config().model)
+    config = jax_config(args.model)
+    loaded = models.load(config.model)
     pad = models.pad_id(loaded.tokenizer)
     fixed = fixed_batch(loaded.config.vocab_size)
     fixed_tokens = FIXED_BATCH * FIXED_LEN
-    ours = JaxSystem(loaded)
+    ours = JaxSystem(loaded, config)
     theirs = PeftSystem(loaded, ours.prefix())
 
     # ---- Same function: the loss of one batch in both systems.
     hf_fixed = hf_fixed_batch(fixed)
-    e2e, shuffled = e2e_batches(loaded.tokenizer, pad)
+    e2e, shuffled = e2e_batches(config, loaded.tokenizer, pad)
     loss_check = {"fixed": (ours.loss(fixed), theirs.loss(hf_fixed)),
                   "e2e": (ours.loss(e2e[0][0]), theirs.loss(hf_batch(e2e[0][1], pad)))}
     for name, (a, b) in loss_check.items():
@@ -337,7 +343,7 @@ def main() -> None:
     useful_shuffled = sum(len(r.tokens) for rows in shuffled for r in rows)
     ours.run([fixed, *ours_e2e])
     theirs.run([hf_fixed, theirs_e2e[0], theirs_shuffled[0]])
-    full = JaxSystem(loaded, trainable=r"^(base|prefix)/")
+    full = JaxSystem(loaded, jax_config(args.model, trainable=r"^(base|prefix)/"))
     full.run([fixed])
 
     rate = matmul_rate(args.threads)
@@ -351,8 +357,8 @@ def main() -> None:
         "peft e2e": lambda: theirs.run(theirs_shuffled),
         "peft e2e same batches": lambda: theirs.run(theirs_e2e),
     })
-    memory = {"prefix_jax": peak_rss("jax", args.threads),
-              "peft": peak_rss("torch", args.threads)}
+    memory = {"prefix_jax": peak_rss("jax", args.threads, args.model),
+              "peft": peak_rss("torch", args.threads, args.model)}
 
     # ---- Report.
     def per_round(name: str, tokens: int) -> list[float]:
