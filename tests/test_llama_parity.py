@@ -37,11 +37,16 @@ def test_logits_match_transformers(n_kv_heads, tie):
     hf = _hf_tiny(n_kv_heads, tie)
     cfg, params = _to_flax(hf)
     assert cfg.n_kv_heads == n_kv_heads and cfg.tie_embeddings == tie
-    tokens = np.random.default_rng(0).integers(0, 259, size=(2, 11))
+    _assert_same_logits(hf, cfg, params, seed=0, length=11)
+
+
+def _assert_same_logits(hf, cfg, params, seed: int, length: int) -> None:
+    """Random tokens through the transformers model and the Flax one: logits within 1e-4."""
+    tokens = np.random.default_rng(seed).integers(0, 259, size=(2, length))
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
-    positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
-    mask = llama.causal_mask(jnp.ones((2, 11), jnp.int32), 0)
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+    mask = llama.causal_mask(jnp.ones((2, length), jnp.int32), 0)
     got, _ = llama.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), positions, mask)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
@@ -97,10 +102,4 @@ def test_flax_params_written_in_hf_layout_give_the_same_model(tie):
     state = {k: torch.from_numpy(v) for k, v in params_to_hf(cfg, params).items()}
     missing, unexpected = rebuilt.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"} and (tie or not missing)
-    tokens = np.random.default_rng(1).integers(0, 259, size=(2, 9))
-    with torch.no_grad():
-        want = rebuilt(torch.tensor(tokens)).logits.numpy()
-    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    mask = llama.causal_mask(jnp.ones((2, 9), jnp.int32), 0)
-    got, _ = llama.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), positions, mask)
-    np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
+    _assert_same_logits(rebuilt, cfg, params, seed=1, length=9)
