@@ -96,8 +96,9 @@ def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str
     kv = model.prefix.apply({"params": params["prefix"]}) if with_prefix else None
     offset = model.position_offset if with_prefix else 0
     prompts = [e2e.format_source(s) for s in sources]
+    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, position_offset=offset)
     predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
-                                    eval_cfg.batch_size, eval_cfg.max_new_tokens, offset)
+                                    eval_cfg.batch_size, settings)
     scores = {"bleu": metrics.corpus_bleu(predictions, references),
               "rouge_l": metrics.rouge_l(predictions, references)}
     return scores, predictions
