@@ -116,9 +116,24 @@ def _quarantine(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None
 def load_state_arrays(workdir: str, step: int | None = None) -> dict:
     """The saved `state` item of a run (latest step by default) as nested dicts of arrays,
     without needing the config that made it (for inspection, export and tests)."""
-    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                item_names=("state", "data", "meta"))
+    return load_latest_arrays(workdir, step)[1]
+
+
+def load_latest_arrays(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, `state` as nested dicts of arrays, `meta`) of a run's newest (or given) step."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"{workdir} has no checkpoints/ directory; train first or pick the "
+                        "right --workdir")
+    mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no checkpoint; train first or pick the right --workdir")
-    return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+    try:
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                             meta=ocp.args.JsonRestore()))
+    except Exception as e:  # any read failure means: not usable
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"checkpoint {directory}/{step} is unreadable ({first_line}); rerun "
+                        "training in that workdir to resume from an earlier one") from e
+    return step, restored.state, restored.meta
