@@ -17,7 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from prefix_jax import cli  # noqa: E402
+from prefix_jax import cli
 
 
 def main() -> None:
