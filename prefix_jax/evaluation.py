@@ -40,12 +40,24 @@ def output_name(task: str, run_task: str, split: str) -> str:
     return split if task == run_task else f"{task}_{split}"
 
 
-def evaluate_split(module: Llama, params: dict, prefix: KV | None, tokenizer, workdir: str,
+def check_can_score(task: str) -> None:
+    """E2E's METEOR runs Java: say so before hours of decoding, not after."""
+    import shutil
+
+    if task == "e2e" and shutil.which("java") is None:
+        raise UserError("E2E evaluation needs Java on the PATH for METEOR 1.5 (pycocoevalcap); "
+                        "install a JRE, e.g. apt-get install default-jre-headless")
+
+
+def evaluate_split(module: Llama, params: dict, prefix: KV | None, tokenizer,
+                   workdir: str | None,
                    task: str, run_task: str, data_dir: str, split: str,
                    settings: decoding.DecodeSettings, batch_size: int, limit: int = 0,
                    extra: dict | None = None) -> dict:
     """Decode and score one split; write `predictions_<name>.txt`, `generations/<name>.jsonl`
-    and `eval_<name>.json` (scores + how they were made) into `workdir`, only after success."""
+    and `eval_<name>.json` (scores + how they were made) into `workdir` (None: write nothing),
+    only after success."""
+    check_can_score(task)
     sources, references = read_split(task, data_dir, split)
     if limit:
         sources, references = sources[:limit], references[:limit]
@@ -54,7 +66,6 @@ def evaluate_split(module: Llama, params: dict, prefix: KV | None, tokenizer, wo
                                     [e2e.format_source(s) for s in sources], batch_size, settings)
     decode_seconds = time.perf_counter() - started
     scores = score(task, predictions, references)
-    name = output_name(task, run_task, split)
     result = {"task": task, "split": split, "num_examples": len(sources),
               "num_references": sum(len(r) for r in references), "scores": scores,
               "decoding": {"num_beams": settings.num_beams,
@@ -62,6 +73,9 @@ def evaluate_split(module: Llama, params: dict, prefix: KV | None, tokenizer, wo
                            "max_new_tokens": settings.max_new_tokens,
                            "do_sample": settings.do_sample},
               "decode_seconds": round(decode_seconds, 1), **(extra or {})}
+    if workdir is None:
+        return result
+    name = output_name(task, run_task, split)
     with open(os.path.join(workdir, f"predictions_{name}.txt"), "w", encoding="utf-8") as f:
         f.writelines(p.replace("\n", " ") + "\n" for p in predictions)
     os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)

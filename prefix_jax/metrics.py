@@ -35,7 +35,9 @@ def nist(predictions: list[str], references: list[list[str]], n: int = 5) -> flo
     if not any(hyps):
         return 0.0
     refs = [[tokenize(r).split() for r in rs] for rs in references]
-    return float(corpus_nist(refs, hyps, n=n))
+    # nltk divides by the number of hypothesis n-grams of each order; orders no hypothesis
+    # reaches (only with very short outputs) add nothing to NIST's sum, so leave them out.
+    return float(corpus_nist(refs, hyps, n=min(n, max(len(h) for h in hyps))))
 
 
 def coco_caption_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:

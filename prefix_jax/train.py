@@ -92,11 +92,13 @@ def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Mo
 def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str],
                         references: list[list[str]], eval_cfg, with_prefix: bool
                         ) -> tuple[dict[str, float], list[str]]:
-    """Greedy generations for dev MRs, scored against all references of each MR."""
+    """Generations for dev MRs (greedy or beam), scored against all references of each MR."""
     kv = model.prefix.apply({"params": params["prefix"]}) if with_prefix else None
     offset = model.position_offset if with_prefix else 0
     prompts = [e2e.format_source(s) for s in sources]
-    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, position_offset=offset)
+    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, position_offset=offset,
+                                     num_beams=eval_cfg.num_beams,
+                                     length_penalty=eval_cfg.length_penalty)
     predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
                                     eval_cfg.batch_size, settings)
     scores = {"bleu": metrics.corpus_bleu(predictions, references),
@@ -116,6 +118,28 @@ def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> No
           f"on {len(sources)} dev MRs ==")
     for s, p in list(zip(sources, predictions))[:n]:
         print(f"  MR:   {s}\n  GEN:  {p}")
+
+
+def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
+                   is_main: bool) -> dict[str, float]:
+    """The whole test split with the reportable metrics (beam search), into eval_test.json."""
+    from prefix_jax import evaluation
+
+    settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
+                                     position_offset=model.position_offset,
+                                     num_beams=config.eval.test_num_beams,
+                                     length_penalty=config.eval.length_penalty)
+    kv = model.prefix.apply({"params": params["prefix"]})
+    started = time.perf_counter()
+    result = evaluation.evaluate_split(
+        model.base, params["base"], kv, tokenizer, workdir if is_main else None, "e2e", "e2e",
+        config.data.dir, "test", settings, config.eval.test_batch_size,
+        extra={"step": config.train.num_steps})
+    scores = result["scores"]
+    print(f"\n== test ({result['num_examples']} MRs, beam {settings.num_beams}): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+          + f" ({time.perf_counter() - started:.0f} s) ==")
+    return {f"test/{k}": v for k, v in scores.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +225,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise UserError(f"data.task={config.data.task!r}: only 'e2e' is supported so far")
     train_pairs = e2e.read_pairs(config.data.dir, "train")
     dev_sources, dev_refs = e2e.group_references(e2e.read_pairs(config.data.dir, "dev"))
+    if config.eval.test_at_end:
+        from prefix_jax import evaluation
+
+        evaluation.check_can_score("e2e")
+        e2e.read_pairs(config.data.dir, "test")  # a missing test file fails now, not at the end
     dev_sources = dev_sources[:config.eval.num_examples]
     dev_refs = dev_refs[:config.eval.num_examples]
     loaded = models.load(config.model, seed=config.seed)
@@ -341,6 +370,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if os.path.exists(untuned_path):
         with open(untuned_path) as f:
             result.update({f"eval_untuned/{k}": v for k, v in json.load(f).items()})
+    if config.eval.test_at_end:
+        result.update(_evaluate_test(config, model, partition.merge(state.trainable, frozen),
+                                     loaded.tokenizer, workdir, is_main))
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
