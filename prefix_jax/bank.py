@@ -3,7 +3,8 @@ batch can use its own prefix (`decoding.generate(..., prefix_rows=...)`).
 
 `load(workdirs)` reads each workdir's `config.json` and newest checkpoint, loads the frozen base
 once, checks that every checkpoint was trained on that base, and returns the prefixes as one
-`KV([L, N, P, K, D])`, row i from `workdirs[i]`.
+`KV([L, N, P, K, D])`, row i from `workdirs[i]` (a multi-task run of T tasks contributes T
+consecutive rows, one per task).
 """
 
 from __future__ import annotations
@@ -64,18 +65,20 @@ def load(workdirs: list[str]) -> Bank:
     for w, c in zip(workdirs[1:], run_configs[1:]):
         for field in ("model", "prefix"):
             if field == "prefix":
-                same = (c.prefix.length, c.prefix.positions, c.prefix.mode) == \
-                    (first.prefix.length, first.prefix.positions, first.prefix.mode)
+                same = (c.prefix.length, c.prefix.positions, c.prefix.mode,
+                        len(configs.task_dirs(c))) == \
+                    (first.prefix.length, first.prefix.positions, first.prefix.mode,
+                     len(configs.task_dirs(first)))
             else:
                 same = c.model.to_dict() == first.model.to_dict()
             if not same:
                 raise UserError(f"--workdir={w} has {field} {c[field].to_dict()} but "
                                 f"--workdir={workdirs[0]} has {first[field].to_dict()}; a bank "
-                                "needs runs of one base model with equal prefix length, mode "
-                                "and positions")
+                                "needs runs of one base model with equal prefix length, mode, "
+                                "positions and number of tasks")
     base = models.load(first.model, seed=first.seed)
     fingerprint = checkpoint.base_fingerprint(base.params)
-    module = prefix.build(first.prefix, base.config)
+    module = prefix.build(first.prefix, base.config, len(configs.task_dirs(first)))
     keys, values, steps = [], [], []
     trained_base = {}
     for w in workdirs:

@@ -107,6 +107,13 @@ def eval_config(num_examples: int) -> ml_collections.ConfigDict:
     ))
 
 
+def task_dirs(config: ml_collections.ConfigDict) -> list[str]:
+    """Task k's data directory: `data.dir`, then each of `data.extra_dirs` (comma-separated).
+    A run with several tasks trains one prefix per task, rows of a batch mixing tasks."""
+    extra = config.data.get("extra_dirs", "")  # absent from configs older than multi-task runs
+    return [config.data.dir] + [d.strip() for d in extra.split(",") if d.strip()]
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -146,6 +153,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"eval.test_at_end={e.test_at_end!r}: must be True or False")
     _check(is_int(d.max_len) and d.max_len > 1,
            f"data.max_len={d.max_len!r}: must be an integer > 1")
+    _check(isinstance(d.get("extra_dirs", ""), str),
+           f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
     _check(config.model.dtype in ("float32", "bfloat16"),
