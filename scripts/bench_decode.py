@@ -83,7 +83,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prefix_length", type=int, default=10)
     parser.add_argument("--workdir", default=None, help="use this run's trained prefix")
+    parser.add_argument("--torch_threads", type=int, default=0,
+                        help="torch intra-op threads; 0 = torch's default")
     args = parser.parse_args()
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
 
     base = models.load(configs.model_config("smollm2"))
     path = models.smollm2_gguf_path()
