@@ -259,3 +259,13 @@ def test_settings_reject_bad_values():
                 dict(top_p=0.0), dict(top_k=-1), dict(do_sample=True, num_beams=2)):
         with pytest.raises(ValueError):
             DecodeSettings(**bad)
+
+
+def test_batches_of_one_bucket_compile_once(tiny_with_prefix):
+    """Five prompts of different lengths in batches of 2 (the last one padded): one compile."""
+    loaded, kv = tiny_with_prefix
+    settings = decoding.settings_for(loaded.tokenizer, 3, num_beams=2)
+    before = decoding.decode._cache_size()
+    prompts = ["a", "bb bb", "ccc ccc ccc", "d", "eeeeeeeee"]  # all within one 16-token bucket
+    decoding.generate(loaded.module, loaded.params, kv, loaded.tokenizer, prompts, 2, settings)
+    assert decoding.decode._cache_size() == before + 1
