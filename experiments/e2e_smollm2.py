@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = configs.train_config(num_steps=500, batch_size=8)
     config.train.checkpoint_every = 100
     config.eval = configs.eval_config(num_examples=200)
+    config.mesh = configs.mesh_config()  # default: data parallel over every device
+    config.distributed = configs.distributed_config()
 
     if arg.runlocal:
         config.model.path = "tiny"

@@ -1,8 +1,11 @@
 """Checkpoints: an orbax CheckpointManager under `workdir/checkpoints`.
 
 Each step holds three items: `state` (step, trainable params, optimizer state: never the frozen
-base), `data` (the grain iterator's state) and `meta` (JSON: a fingerprint of the frozen base
-and the trainable shapes, checked on restore so a checkpoint never silently meets another model).
+base), `data` (the grain iterator's state, JSON) and `meta` (JSON: a fingerprint of the frozen
+base and the trainable shapes, checked on restore so a checkpoint never silently meets another
+model). Orbax writes sharded arrays from every process; the iterator state is the same in every
+process (each takes its rows of the same global batch), so a checkpoint written by N processes
+restores in M.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import shutil
 import sys
 import time
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -45,7 +47,7 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=grain.checkpoint.CheckpointSave(data_iter),
+                                           data=ocp.args.JsonSave(data_iter.get_state()),
                                            meta=ocp.args.JsonSave(meta)))
 
 
@@ -67,8 +69,8 @@ def restore_latest(mgr: ocp.CheckpointManager, state, data_iter, meta: dict):
         check_compatible(saved, meta, where)
         try:
             restored = mgr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+            data_iter.set_state(restored.data)
         except Exception as e:
             _quarantine(mgr, step, e)
             continue
@@ -114,13 +116,15 @@ def _quarantine(mgr: ocp.CheckpointManager, step: int, error: Exception) -> None
 
 
 def load_state_arrays(workdir: str, step: int | None = None) -> dict:
-    """The saved `state` item of a run (latest step by default) as nested dicts of arrays,
-    without needing the config that made it (for inspection, export and tests)."""
+    """The saved `state` item of a run (latest step by default) as nested dicts of arrays on
+    this process's first device, whatever mesh and processes wrote it, without needing the
+    config that made it (for inspection, export and tests)."""
     return load_latest_arrays(workdir, step)[1]
 
 
 def load_latest_arrays(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
-    """(step, `state` as nested dicts of arrays, `meta`) of a run's newest (or given) step."""
+    """(step, `state` as nested dicts of arrays on this process's first device, `meta`) of a
+    run's newest (or given) step; an unreadable one is a UserError."""
     directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     if not os.path.isdir(directory):
         raise UserError(f"{workdir} has no checkpoints/ directory; train first or pick the "
@@ -129,11 +133,17 @@ def load_latest_arrays(workdir: str, step: int | None = None) -> tuple[int, dict
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no checkpoint; train first or pick the right --workdir")
+    path = os.path.join(str(mgr.directory), str(step), "state")
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                             meta=ocp.args.JsonRestore()))
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(path).item_metadata  # shapes and dtypes, as saved
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+            state = reader.restore(path, target)
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:  # any read failure means: not usable
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise UserError(f"checkpoint {directory}/{step} is unreadable ({first_line}); rerun "
                         "training in that workdir to resume from an earlier one") from e
-    return step, restored.state, restored.meta
+    return step, state, meta

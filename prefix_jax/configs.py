@@ -54,6 +54,47 @@ def model_config(path: str = "smollm2") -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         path=path,  # 'smollm2' (packaged GGUF), 'tiny', 'tiny-mha', a .gguf file or an HF dir
         dtype="float32",  # activation dtype: float32 is fastest on CPU, bfloat16 on accelerators
+        param_dtype="float32",  # storage dtype of the frozen base ('bfloat16' halves its memory;
+        # the prefix and its optimizer state stay float32)
+        remat="none",  # recompute activations in the backward pass: 'none', 'full' or 'dots'
+    ))
+
+
+# Logical dimension name -> mesh axis or axes (None = replicated along it); see sharding.py and
+# models.llama.LOGICAL_AXES for the names. FSDP shards the batch and every `embed` dimension of
+# the base; tensor parallelism splits heads, MLP columns and the vocabulary; the (small) prefix
+# is replicated.
+DEFAULT_MESH_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("prefix", None),
+    ("head_dim", None),
+)
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    """Device mesh axes (see sharding.py); -1 = all remaining devices."""
+    return ml_collections.ConfigDict(dict(
+        data=-1,  # data parallel: batch rows split, parameters replicated
+        fsdp=1,  # fully sharded data parallel: batch rows and base parameters split
+        tensor=1,  # tensor parallel: attention heads and MLP columns split
+        rules=DEFAULT_MESH_RULES,  # logical dimension name -> mesh axis (MaxText-style)
+    ))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """Multi-host runs: JAX's own runtime (jax.distributed), one process per host."""
+    return ml_collections.ConfigDict(dict(
+        initialize="auto",  # 'auto' (on a multi-host TPU pod or when coordinator_address is
+        # set), 'on' (always: JAX detects TPU/SLURM/Open MPI clusters) or 'off'
+        coordinator_address="",  # host:port of process 0, for clusters JAX cannot detect
+        num_processes=0,  # with coordinator_address: how many processes
+        process_id=-1,  # with coordinator_address: this process's index
     ))
 
 
@@ -157,7 +198,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
-    _check(config.model.dtype in ("float32", "bfloat16"),
-           f"model.dtype={config.model.dtype!r}: must be 'float32' or 'bfloat16'")
+    m = config.model
+    for name in ("dtype", "param_dtype"):
+        _check(m[name] in ("float32", "bfloat16"),
+               f"model.{name}={m[name]!r}: must be 'float32' or 'bfloat16'")
+    _check(m.remat in ("none", "full", "dots"),
+           f"model.remat={m.remat!r}: must be 'none', 'full' or 'dots'")
+    dist = config.distributed
+    _check(dist.initialize in ("auto", "on", "off"),
+           f"distributed.initialize={dist.initialize!r}: must be 'auto', 'on' or 'off'")
+    if dist.coordinator_address:
+        _check(is_int(dist.num_processes) and dist.num_processes > 0
+               and is_int(dist.process_id) and 0 <= dist.process_id < dist.num_processes,
+               f"distributed.coordinator_address is set: distributed.num_processes "
+               f"({dist.num_processes!r}) must be > 0 and distributed.process_id "
+               f"({dist.process_id!r}) in [0, num_processes)")
     _check(isinstance(config.trainable, str) and config.trainable,
            "trainable: must be a non-empty regex over parameter paths (e.g. '^prefix/')")

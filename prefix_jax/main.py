@@ -83,6 +83,10 @@ def main(argv: list[str]) -> None:
         # A clean stop (checkpoint saved); the status says "killed by this signal" to schedulers.
         print(f"{e}: checkpoint saved; rerun the same command to resume", file=sys.stderr)
         sys.exit(128 + e.signum)
+    import jax
+
+    if jax.process_index() != 0:  # one summary per run, not one per host
+        return
     print("final:", ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in result.items()))
 

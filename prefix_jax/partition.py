@@ -22,7 +22,8 @@ TRAIN, FREEZE = "train", "freeze"
 
 def path_str(path) -> str:
     """`("base", "layers", "q_proj", "kernel")` key path -> "base/layers/q_proj/kernel"."""
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+                    for k in path)
 
 
 def labels(params, trainable_regex: str):

@@ -19,6 +19,13 @@ from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV, LlamaConfig
 
 MODES = ("kv",)
+
+# Logical names of the prefix parameters' dimensions (see sharding.py): replicated by default.
+LOGICAL_AXES = (
+    (r"(^|/)(key|value)$", ("layers", "prefix", "kv_heads", "head_dim")),
+    # multi-task runs: one prefix per task, the task axis replicated
+    (r"(^|/)(task_keys|task_values)$", ("layers", None, "prefix", "kv_heads", "head_dim")),
+)
 INITS = ("random", "zero", "text")
 
 
@@ -38,15 +45,18 @@ class KVPrefix(nn.Module):
 
     @nn.compact
     def __call__(self) -> KV:
-        # A single prefix keeps its [L, P, K, D] params (and so its checkpoints) unchanged.
-        tasks = (self.num_prefixes,) if self.num_prefixes > 1 else ()
-        shape = (self.n_layers, *tasks, self.length, self.n_kv_heads, self.head_dim)
+        # A single prefix keeps its [L, P, K, D] `key`/`value` params (and so its checkpoints);
+        # several are `task_keys`/`task_values` [L, N, P, K, D], a leaf of another rank.
         initializer = (nn.initializers.zeros if self.init_method == "zero"
                        else nn.initializers.normal(self.init_std))
+        if self.num_prefixes > 1:
+            shape = (self.n_layers, self.num_prefixes, self.length, self.n_kv_heads,
+                     self.head_dim)
+            return KV(self.param("task_keys", initializer, shape),
+                      self.param("task_values", initializer, shape))
+        shape = (self.n_layers, self.length, self.n_kv_heads, self.head_dim)
         k = self.param("key", initializer, shape)
         v = self.param("value", initializer, shape)
-        if tasks:
-            return KV(k, v)
         return KV(k[:, None], v[:, None])
 
 
@@ -78,7 +88,8 @@ def init(module: nn.Module, rng: jax.Array, prefix_cfg: ml_collections.ConfigDic
         kv = text_activations(base, prefix_cfg.init_text, module.length)
         if module.num_prefixes > 1:  # every task starts from the same words
             n = module.num_prefixes
-            params = {"key": jnp.repeat(kv.k, n, axis=1), "value": jnp.repeat(kv.v, n, axis=1)}
+            params = {"task_keys": jnp.repeat(kv.k, n, axis=1),
+                      "task_values": jnp.repeat(kv.v, n, axis=1)}
         else:
             params = {"key": kv.k[:, 0], "value": kv.v[:, 0]}
     return params
@@ -94,11 +105,15 @@ def text_activations(base, text: str, length: int) -> KV:
     ids = base.tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise UserError(f"prefix.init_text={text!r} has no tokens; give a few words")
-    tokens = jnp.asarray(np.resize(np.asarray(ids, np.int32), length))[None]
-    positions = jnp.arange(length)[None]
-    _, kv = base.module.apply({"params": base.params}, tokens, positions,
-                              causal_mask(jnp.ones_like(tokens), 0))
-    return kv
+    tokens = np.resize(np.asarray(ids, np.int32), length)[None]
+
+    @jax.jit  # host inputs only: runs wherever the (possibly sharded) base params live
+    def forward(params, tokens):
+        positions = jnp.arange(tokens.shape[1])[None]
+        mask = causal_mask(jnp.ones_like(tokens), 0)
+        return base.module.apply({"params": params}, tokens, positions, mask)[1]
+
+    return forward(base.params, tokens)
 
 
 def select(kv: KV, rows: jax.Array | None) -> KV:

@@ -26,6 +26,7 @@ from prefix_jax import (
     checkpoint,
     configs,
     decoding,
+    distributed,
     metrics,
     models,
     optim,
@@ -37,7 +38,7 @@ from prefix_jax import sharding as shd
 from prefix_jax.data import e2e, pipeline
 from prefix_jax.errors import UserError
 from prefix_jax.metric_writer import MetricWriter
-from prefix_jax.models.llama import Llama, causal_mask
+from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
 
 
 @flax.struct.dataclass
@@ -140,10 +141,27 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
         config.data.dir, "test", settings, config.eval.test_batch_size,
         extra={"step": config.train.num_steps})
     scores = result["scores"]
-    print(f"\n== test ({result['num_examples']} MRs, beam {settings.num_beams}): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-          + f" ({time.perf_counter() - started:.0f} s) ==")
+    if is_main:
+        print(f"\n== test ({result['num_examples']} MRs, beam {settings.num_beams}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+              + f" ({time.perf_counter() - started:.0f} s) ==")
     return {f"test/{k}": v for k, v in scores.items()}
+
+
+_BASE_AXES = shd.regex_axes(LOGICAL_AXES)
+_PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
+
+
+def param_axes(path: str, ndim: int):
+    """Logical dimension names of a leaf of `{"base": ..., "prefix": ...}` (for sharding)."""
+    scope, _, rest = path.partition("/")
+    return (_BASE_AXES if scope == "base" else _PREFIX_AXES)(rest, ndim)
+
+
+def place_base(loaded: models.LoadedModel, mesh, rules) -> models.LoadedModel:
+    """The loaded base with its host arrays placed onto the mesh, each device taking its shard."""
+    shardings = shd.tree_shardings({"base": loaded.params}, param_axes, mesh, rules)["base"]
+    return dataclasses.replace(loaded, params=shd.place(loaded.params, shardings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,11 +171,18 @@ class Setup:
     tx: optax.GradientTransformation
     state: TrainState
     frozen: Any  # full structure, MaskedNode where trainable
+    state_shardings: Any = None  # TrainState of NamedShardings when placed on a mesh
 
 
-def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedModel) -> Setup:
-    """Prefix init, labels from `config.trainable`, the split, the optimizer and its state."""
-    prefix_module = prefix.build(config.prefix, loaded.config, len(configs.task_dirs(config)))
+def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedModel,
+                       mesh=None) -> Setup:
+    """Prefix init, labels from `config.trainable`, the split, the optimizer and its state.
+
+    With a `mesh`, every array is placed by `config.mesh.rules` (the optimizer state created
+    directly in its parameters' shardings); without one, on the default device.
+    """
+    prefix_module = prefix.build(config.prefix, loaded.config,
+                                 len(configs.task_dirs(config)))
     params = {"base": loaded.params,
               "prefix": prefix.init(prefix_module, jax.random.key(config.seed), config.prefix,
                                     loaded)}
@@ -168,8 +193,22 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
                         "'prefix/key' or 'base/layers/q_proj/kernel'")
     offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
     tx = optim.make(config.optim, config.train.num_steps, labels)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
-    return Setup(Model(loaded.module, prefix_module, offset), labels, tx, state, frozen)
+    model = Model(loaded.module, prefix_module, offset)
+
+    def fresh_state(trainable):
+        return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+    if mesh is None:
+        return Setup(model, labels, tx, fresh_state(trainable), frozen)
+    rules = shd.parse_rules(config.mesh.rules)
+    train_shardings, frozen_shardings = partition.split(
+        shd.tree_shardings(params, param_axes, mesh, rules), labels)
+    trainable = shd.place(trainable, train_shardings)
+    frozen = shd.place(frozen, frozen_shardings)
+    state_shardings = shd.state_shardings(jax.eval_shape(fresh_state, trainable),
+                                          train_shardings, mesh)
+    state = jax.jit(fresh_state, out_shardings=state_shardings)(trainable)
+    return Setup(model, labels, tx, state, frozen, state_shardings)
 
 
 class DivergedError(UserError):
@@ -220,6 +259,20 @@ def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, meta: dict) 
                         "checkpoint is kept") from e
 
 
+def _layout(mesh, frozen, state: TrainState) -> dict:
+    """Where the arrays live (written to sharding.json; the tests read it)."""
+    base_held = shd.bytes_per_device(frozen)
+    state_held = shd.bytes_per_device(state)
+    return {"mesh": dict(mesh.shape), "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "base_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)),
+            "base_bytes_per_device_max": max(base_held.values(), default=0),
+            "state_bytes_per_device_max": max(state_held.values(), default=0),
+            "specs": {partition.path_str(p): str(x.sharding.spec)
+                      for p, x in jax.tree_util.tree_flatten_with_path(
+                          {"frozen": frozen, "state": state})[0]}}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train the configured prefix, evaluate on dev, return the final metrics."""
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
@@ -227,6 +280,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _check_workdir(workdir)
     if config.data.task != "e2e":
         raise UserError(f"data.task={config.data.task!r}: only 'e2e' is supported so far")
+    distributed.initialize(config.distributed)  # before any device is touched
+    mesh = shd.make_mesh(config.mesh)
+    if config.train.batch_size % shd.batch_shards(mesh):
+        raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by the "
+                        f"{shd.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)} "
+                        "(data x fsdp); use a multiple of it")
     dirs = configs.task_dirs(config)
     train_pairs = [e2e.read_pairs(d, "train") for d in dirs]
     dev_sets = [e2e.group_references(e2e.read_pairs(d, "dev")) for d in dirs]
@@ -249,17 +308,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         train_data += pipeline.tokenize_pairs(pairs, loaded.tokenizer, config.data.max_len,
                                               os.path.join(data_dir, "trainset.csv"), task)
 
-    # ---- Model, prefix and the trainable/frozen split.
-    setup = create_train_state(config, loaded)
+    # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
+    # by config.mesh.rules straight from the host arrays, the trainable state beside it.
+    fingerprint = checkpoint.base_fingerprint(loaded.params)  # host arrays, before placement
+    loaded = place_base(loaded, mesh, shd.parse_rules(config.mesh.rules))
+    setup = create_train_state(config, loaded, mesh)
     model, labels, tx, state, frozen = (setup.model, setup.labels, setup.tx, setup.state,
                                         setup.frozen)
-    n_train, n_base = partition.count(state.trainable), partition.count(loaded.params)
-
-    # ---- Mesh: the state and the base replicated, batches split over devices.
-    mesh = shd.make_mesh()
     replicated = shd.replicated(mesh)
-    state = jax.device_put(state, replicated)
-    frozen = jax.device_put(frozen, replicated)
+    n_train, n_base = partition.count(state.trainable), partition.count(loaded.params)
 
     # ---- Data iterator and checkpoint restore (a mismatched checkpoint stops the run here,
     # before anything in the workdir is written).
@@ -268,28 +325,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         models.pad_id(loaded.tokenizer), config.train.num_steps,
         jax.process_index(), jax.process_count())
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
-    meta = {"base_fingerprint": checkpoint.base_fingerprint(loaded.params),
+    meta = {"base_fingerprint": fingerprint,
             "model_source": loaded.source,
             "trainable_shapes": checkpoint.shapes(state.trainable)}
     restored = checkpoint.restore_latest(ckpt, state, data_iter, meta)
+    is_main = jax.process_index() == 0
+    say = print if is_main else (lambda *args, **kwargs: None)
     if restored is not None:
-        state = jax.device_put(restored, replicated)
-        print(f"resumed from step {int(state.step)} ({ckpt.directory})")
+        state = restored
+        say(f"resumed from step {int(state.step)} ({ckpt.directory})")
 
     # ---- Workdir and logs (only process 0 writes).
-    is_main = jax.process_index() == 0
+    layout = _layout(mesh, frozen, state)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "sharding.json"), "w") as f:
+            json.dump(layout, f, indent=2)
     writer = MetricWriter(workdir, enabled=is_main)
     logging.info("model %s: %d base params; trainable %d (%.4f%% of base): %s", loaded.source,
                  n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))
-    print(f"trainable parameters: {n_train:,} ({100 * n_train / n_base:.3f}% of the "
-          f"{n_base:,} in the base)")
+    say(f"trainable parameters: {n_train:,} ({100 * n_train / n_base:.3f}% of the "
+        f"{n_base:,} in the base)")
+    say(f"mesh {layout['mesh']} over {layout['devices']} devices, {layout['processes']} "
+        f"process(es)); frozen base {layout['base_bytes_per_device_max'] / 2**20:.1f} MiB per "
+        f"device of {layout['base_bytes'] / 2**20:.1f} MiB")
 
     # ---- Step functions: jitted once per batch shape, the trainable state donated.
     step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=(0,),
-                      out_shardings=(replicated, replicated))
+                      out_shardings=(setup.state_shardings, replicated))
 
     def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
         """Dev scores of every task (task k > 0 as `task{k}_bleu`, ...), each with its prefix."""
@@ -304,8 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 refs, config.eval, with_prefix, task)
             if is_main:
                 _save_generations(workdir, task_name, sources, refs, predictions)
-            _print_samples(task_name, scores, sources, predictions, config.eval.num_samples)
-            print(f"  ({len(sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
+                _print_samples(task_name, scores, sources, predictions, config.eval.num_samples)
+            say(f"  ({len(sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
             results.update({(k if task == 0 else f"task{task}_{k}"): v for k, v in scores.items()})
         return results
 
@@ -392,5 +456,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())
         how = "greedy" if config.eval.num_beams == 1 else f"beam {config.eval.num_beams}"
-        print(f"\ndev ({len(dev_sources)} MRs, {how}), untuned -> prefix-tuned: {line}")
+        say(f"\ndev ({len(dev_sources)} MRs, {how}), untuned -> prefix-tuned: {line}")
     return result

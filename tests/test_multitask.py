@@ -24,7 +24,7 @@ def _model(loaded, n):
 def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_task(tiny):
     two = _model(tiny, 2)
     prefix_params = two.prefix.init(jax.random.key(5))["params"]
-    assert prefix_params["key"].shape == (2, 2, 3, 2, 16)  # [L, N, P, K, D]
+    assert prefix_params["task_keys"].shape == (2, 2, 3, 2, 16)  # [L, N, P, K, D]
     batch = dict(tiny_batch(tiny.tokenizer, n=4))
     batch["prefix_ids"] = jnp.asarray([0, 1, 1, 0], jnp.int32)
     params = {"base": tiny.params, "prefix": prefix_params}
@@ -33,7 +33,8 @@ def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_ta
     one = _model(tiny, 1)
     for task in (0, 1):
         alone_params = {"base": tiny.params,
-                        "prefix": {k: v[:, task] for k, v in prefix_params.items()}}
+                        "prefix": {"key": prefix_params["task_keys"][:, task],
+                                   "value": prefix_params["task_values"][:, task]}}
         alone = np.asarray(train.target_logits(one, alone_params, batch))
         ids = np.asarray(batch["prefix_ids"])
         np.testing.assert_allclose(mixed[ids == task], alone[ids == task], atol=1e-5)
@@ -43,9 +44,9 @@ def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_ta
     # Rows of task 0 only: task 1's prefix gets exactly zero gradient, task 0's does not.
     batch["prefix_ids"] = jnp.zeros(4, jnp.int32)
     grads = jax.grad(lambda p: _loss(two, tiny.params, p, batch))(prefix_params)
-    assert np.abs(np.asarray(grads["key"][:, 1])).max() == 0.0
-    assert np.abs(np.asarray(grads["value"][:, 1])).max() == 0.0
-    assert np.abs(np.asarray(grads["key"][:, 0])).max() > 0.0
+    assert np.abs(np.asarray(grads["task_keys"][:, 1])).max() == 0.0
+    assert np.abs(np.asarray(grads["task_values"][:, 1])).max() == 0.0
+    assert np.abs(np.asarray(grads["task_keys"][:, 0])).max() > 0.0
 
 
 def _loss(model, base_params, prefix_params, batch):
@@ -70,7 +71,7 @@ def test_multitask_run_trains_evaluates_and_serves_each_task(tmp_path):
     assert os.path.exists(os.path.join(workdir, "generations", "dev_step2_task1.jsonl"))
 
     state = checkpoint.load_state_arrays(workdir)
-    saved = np.asarray(state["trainable"]["prefix"]["key"])
+    saved = np.asarray(state["trainable"]["prefix"]["task_keys"])
     assert saved.shape[1] == 2 and not np.allclose(saved[:, 0], saved[:, 1])
     run = bank.load([workdir])  # the two tasks become two rows of the bank
     assert run.prefixes.k.shape[1] == 2

@@ -16,7 +16,9 @@ import importlib.util
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import Llama, LlamaConfig
@@ -34,7 +36,8 @@ TINY_CONFIGS = {
 class LoadedModel:
     config: LlamaConfig
     module: Llama
-    params: dict  # the frozen base, {"embed_tokens": ..., "layers": ..., "norm": ...}
+    params: dict  # the frozen base, {"embed_tokens": ..., "layers": ..., "norm": ...}: numpy
+    # arrays on the host as loaded (train.py places them onto the mesh, shard by shard)
     tokenizer: object  # a transformers PreTrainedTokenizerFast
     source: str  # what model.path resolved to, for logs and checkpoint metadata
 
@@ -87,19 +90,30 @@ def tiny_config(name: str = "tiny", dtype: str = "float32", **overrides) -> Llam
 
 
 def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
-    """The frozen base named by `model_cfg.path` (see the module docstring)."""
-    path, dtype = model_cfg.path, model_cfg.dtype
+    """The frozen base named by `model_cfg.path` (see the module docstring), its parameters as
+    host numpy arrays in `model_cfg.param_dtype`, its module with `model_cfg.remat`."""
+    loaded = _load(model_cfg.path, model_cfg.dtype, seed)
+    module = Llama(loaded.config, remat=model_cfg.remat)
+    param_dtype = jnp.dtype(model_cfg.param_dtype)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype, copy=False), loaded.params)
+    return dataclasses.replace(loaded, module=module, params=params)
+
+
+def _load(path: str, dtype: str, seed: int) -> LoadedModel:
     if path in TINY_CONFIGS:
         cfg = tiny_config(path, dtype)
         module = Llama(cfg)
-        params = init_params(module, jax.random.key(seed))
+        # Created on the host CPU: the same numpy arrays as a loaded file, placed the same way.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            params = jax.tree.map(np.asarray, init_params(module, jax.random.key(seed)))
         return LoadedModel(cfg, module, params, byte_tokenizer(), f"{path}(seed={seed})")
 
+    given = path
     if path == "smollm2":
         path = smollm2_gguf_path()
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.exists(path):
-        raise UserError(f"model.path={model_cfg.path}: no such file or directory; use 'smollm2', "
+        raise UserError(f"model.path={given}: no such file or directory; use 'smollm2', "
                         "'tiny', a .gguf file or an HF model directory")
     if path.endswith(".gguf"):
         from prefix_jax.models.gguf_llama import load_gguf
@@ -131,8 +145,6 @@ def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
 
 def init_params(module: Llama, rng: jax.Array) -> dict:
     """Random params for `module` (the shapes do not depend on the dummy input's length)."""
-    import jax.numpy as jnp
-
     from prefix_jax.models.llama import causal_mask
 
     tokens = jnp.zeros((1, 1), jnp.int32)

@@ -43,6 +43,28 @@ class LlamaConfig:
                              f"n_kv_heads={self.n_kv_heads}")
 
 
+# Logical names of every parameter's dimensions, by path regex (for `sharding.regex_axes`):
+# `config.mesh.rules` maps them to mesh axes (FSDP over `embed`, tensor parallel over heads/mlp).
+LOGICAL_AXES = (
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"layers/q_proj/kernel$", ("layers", "embed", "heads")),
+    (r"layers/(k_proj|v_proj)/kernel$", ("layers", "embed", "kv_heads")),
+    (r"layers/o_proj/kernel$", ("layers", "heads", "embed")),
+    (r"layers/(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/\w+_layernorm/scale$", ("layers", "embed")),
+    (r"(^|/)norm/scale$", ("embed",)),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+)
+
+# `remat` option -> what a layer keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (fastest; memory grows with sequence length)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
 class KV(NamedTuple):
     """Keys and values, `[L, B, S, n_kv_heads, head_dim]` each (a prefix or a decoding cache)."""
 
@@ -145,16 +167,24 @@ class DecoderLayer(nn.Module):
 
 
 class Llama(nn.Module):
-    """Decoder-only LM. Parameter names follow HF (`embed_tokens`, `layers/q_proj`, `norm`, ...)."""
+    """Decoder-only LM. Parameter names follow HF (`embed_tokens`, `layers/q_proj`, `norm`, ...).
+
+    `remat` (a key of REMAT_POLICIES) trades compute for activation memory on long sequences.
+    """
 
     config: LlamaConfig
+    remat: str = "none"
 
     def setup(self):
         cfg = self.config
+        layer = DecoderLayer
+        if self.remat != "none":
+            # prevent_cse=False is safe (and faster) under scan, as the JAX docs note.
+            layer = nn.remat(DecoderLayer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.d_model,
                                      embedding_init=nn.initializers.normal(0.125))
         self.layers = nn.scan(
-            DecoderLayer,
+            layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),

@@ -1,0 +1,109 @@
+r"""Memory of the prefix train step under the memory options, from XLA's own accounting.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
+      python scripts/memory_report.py [--model smollm2] [--batch 8] [--seq 128,512]
+
+Prints, for the real base model: bytes of the frozen base per device on an fsdp=8 mesh vs a
+data=8 mesh (needs 8 devices, e.g. the XLA flag above), and for one device the compiled step's
+temporary memory with remat none/full/dots at each sequence length, and the base's bytes and
+the loss of one batch with a float32 vs a bfloat16 base. Compile-time numbers: no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from experiments import e2e_smollm2  # the repo root, not installed
+from prefix_jax import models, sharding, train
+
+
+def _config(model: str, **fields):
+    config = e2e_smollm2.get_config()
+    config.unlock()
+    config.model.path = model
+    config.prefix.init = "random"
+    config.prefix.init_std = 0.02
+    for dotted, value in fields.items():
+        section, name = dotted.split("__")
+        config[section][name] = value
+    return config
+
+
+def _batch(tokenizer, batch: int, seq: int) -> dict:
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, len(tokenizer), (batch, seq), dtype=np.int32)
+    targets = seq // 4
+    return {"tokens": tokens, "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+            "segment_ids": np.ones((batch, seq), np.int32),
+            "target_index": np.tile(np.arange(seq - targets - 1, seq - 1, dtype=np.int32),
+                                    (batch, 1)),
+            "target_tokens": tokens[:, -targets:],
+            "target_weight": np.ones((batch, targets), np.float32)}
+
+
+def _cast(params, dtype: str):
+    return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+
+
+def _temp_bytes(setup, batch) -> int:
+    fn = jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=(3,))
+    lowered = fn.lower(setup.state.trainable, setup.frozen, batch, setup.model)
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", default="128,512")
+    args = parser.parse_args()
+    mib = 2**20
+
+    if jax.device_count() >= 8:
+        print("frozen base per device (MiB):")
+        for mesh_fields in ({"mesh__data": 8}, {"mesh__data": 1, "mesh__fsdp": 8}):
+            config = _config(args.model, **mesh_fields)
+            mesh = sharding.make_mesh(config.mesh)
+            loaded = train.place_base(models.load(config.model), mesh,
+                                      sharding.parse_rules(config.mesh.rules))
+            held = sharding.bytes_per_device(loaded.params)
+            total = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+            print(f"  mesh {dict(mesh.shape)}: max {max(held.values()) / mib:.1f} of "
+                  f"{total / mib:.1f} ({max(held.values()) / total:.3f})")
+
+    print(f"temporary memory of one prefix step, batch {args.batch} (MiB):")
+    loaded = models.load(_config(args.model).model)  # loaded once; options applied below
+    for seq in (int(s) for s in args.seq.split(",")):
+        batch = _batch(loaded.tokenizer, args.batch, seq)
+        row = []
+        for remat in ("none", "full", "dots"):
+            config = _config(args.model, model__remat=remat)
+            with_remat = dataclasses.replace(loaded, module=loaded.module.clone(remat=remat))
+            setup = train.create_train_state(config, with_remat)
+            row.append(f"{remat} {_temp_bytes(setup, batch) / mib:.0f}")
+        print(f"  seq {seq}: " + ", ".join(row))
+
+    print("float32 vs bfloat16 base:")
+    batch = _batch(loaded.tokenizer, args.batch, 128)
+    for dtype in ("float32", "bfloat16"):
+        config = _config(args.model, model__param_dtype=dtype)
+        cast = _cast(loaded.params, dtype)
+        setup = train.create_train_state(config, dataclasses.replace(loaded, params=cast))
+        base = sum(x.nbytes for x in jax.tree.leaves(setup.frozen))
+        loss = train.loss_fn(setup.state.trainable, setup.frozen,
+                             jax.tree.map(jnp.asarray, batch), setup.model)
+        kinds = sorted({str(x.dtype) for x in jax.tree.leaves(setup.state)})
+        print(f"  {dtype}: base {base / mib:.0f} MiB, train state dtypes {kinds}, "
+              f"loss {float(loss):.4f}")
+
+
+if __name__ == "__main__":
+    main()
