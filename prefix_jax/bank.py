@@ -56,6 +56,10 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                 raise UserError(f"{path} has no field {field}; is it a prefix_jax run's "
                                 "config.json?")
             node = node[part]
+    # Model fields added after a run was trained (e.g. remat, param_dtype) take their defaults.
+    model = configs.model_config(config.model.path)
+    model.update(config.model.to_dict())
+    config.model = model
     return config
 
 

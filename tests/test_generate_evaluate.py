@@ -139,3 +139,23 @@ def test_e2e_metrics_of_a_reference_and_of_a_bad_system():
     # NIST and CIDEr without Java: a system that drops the second half of each sentence.
     halves = [" ".join(p.split()[:len(p.split()) // 2]) for p in perfect]
     assert metrics.nist(halves, refs) < scores["nist"] - 1
+
+
+def test_runs_trained_before_newer_config_fields_still_load(two_runs, tmp_path):
+    """A config.json without fields added later (model.remat, data.extra_dirs, eval.num_beams)
+    still serves: those take their defaults."""
+    import shutil
+
+    from prefix_jax import bank
+
+    old = tmp_path / "old_run"
+    shutil.copytree(two_runs[0], old)
+    with open(old / "config.json") as f:
+        config = json.load(f)
+    for section, field in (("model", "remat"), ("model", "param_dtype"), ("data", "extra_dirs"),
+                           ("eval", "num_beams")):
+        del config[section][field]
+    (old / "config.json").write_text(json.dumps(config))
+    run = bank.load([str(old)])
+    np_equal = (run.prefixes.k == bank.load([two_runs[0]]).prefixes.k).all()
+    assert bool(np_equal) and run.configs[0].model.remat == "none"
