@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(dict(
         task="e2e",
         dir=configs.default_data_dir("e2e"),  # trainset.csv / devset.csv / testset_w_refs.csv
+        extra_dirs="",  # more E2E-format task dirs, comma-separated: one prefix per task
         max_len=128,  # longest source+target in tokens; longer training rows are an error
         train_examples=0,  # use only the first N shuffled training pairs; 0 = all
         bucket_multiple=16,  # batches are padded to a multiple of this (bounds recompiles)

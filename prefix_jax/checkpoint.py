@@ -119,15 +119,31 @@ def load_state_arrays(workdir: str, step: int | None = None) -> dict:
     """The saved `state` item of a run (latest step by default) as nested dicts of arrays on
     this process's first device, whatever mesh and processes wrote it, without needing the
     config that made it (for inspection, export and tests)."""
-    mgr = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
-                                item_names=("state", "data", "meta"))
+    return load_latest_arrays(workdir, step)[1]
+
+
+def load_latest_arrays(workdir: str, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, `state` as nested dicts of arrays on this process's first device, `meta`) of a
+    run's newest (or given) step; an unreadable one is a UserError."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        raise UserError(f"{workdir} has no checkpoints/ directory; train first or pick the "
+                        "right --workdir")
+    mgr = ocp.CheckpointManager(directory, item_names=("state", "data", "meta"))
     step = mgr.latest_step() if step is None else step
     if step is None:
         raise UserError(f"{workdir} has no checkpoint; train first or pick the right --workdir")
     path = os.path.join(str(mgr.directory), str(step), "state")
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    with ocp.StandardCheckpointer() as reader:
-        saved = reader.metadata(path).item_metadata  # shapes and dtypes, as saved
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              saved)
-        return reader.restore(path, target)
+    try:
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(path).item_metadata  # shapes and dtypes, as saved
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+            state = reader.restore(path, target)
+        meta = mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    except Exception as e:  # any read failure means: not usable
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"checkpoint {directory}/{step} is unreadable ({first_line}); rerun "
+                        "training in that workdir to resume from an earlier one") from e
+    return step, state, meta

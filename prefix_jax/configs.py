@@ -139,10 +139,22 @@ def eval_config(num_examples: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         num_examples=num_examples,  # dev MRs decoded and scored (first N in file order); 0 = none
         batch_size=50,  # prompts decoded together
-        max_new_tokens=64,  # greedy decoding stops at EOS or after this many tokens
+        max_new_tokens=64,  # decoding stops at EOS or after this many tokens
+        num_beams=1,  # dev decoding during training: 1 = greedy, > 1 = beam search
+        length_penalty=1.0,  # beam search: score = sum log p / length ** length_penalty
+        test_at_end=False,  # after training, the whole test set with the reportable metrics
+        test_num_beams=5,  # beam size of that test evaluation (Li & Liang: 5)
+        test_batch_size=10,  # prompts decoded together in that evaluation (x beams rows)
         num_samples=5,  # generations printed to the terminal (all are saved in the workdir)
         eval_untuned=True,  # also score the base model without a prefix, for comparison
     ))
+
+
+def task_dirs(config: ml_collections.ConfigDict) -> list[str]:
+    """Task k's data directory: `data.dir`, then each of `data.extra_dirs` (comma-separated).
+    A run with several tasks trains one prefix per task, rows of a batch mixing tasks."""
+    extra = config.data.get("extra_dirs", "")  # absent from configs older than multi-task runs
+    return [config.data.dir] + [d.strip() for d in extra.split(",") if d.strip()]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -177,8 +189,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"eval.batch_size={e.batch_size!r}: must be an integer > 0")
     _check(is_int(e.max_new_tokens) and e.max_new_tokens > 0,
            f"eval.max_new_tokens={e.max_new_tokens!r}: must be an integer > 0")
+    for name in ("num_beams", "test_num_beams", "test_batch_size"):
+        _check(is_int(e[name]) and e[name] > 0,
+               f"eval.{name}={e[name]!r}: must be an integer > 0")
+    _check(isinstance(e.test_at_end, bool),
+           f"eval.test_at_end={e.test_at_end!r}: must be True or False")
     _check(is_int(d.max_len) and d.max_len > 1,
            f"data.max_len={d.max_len!r}: must be an integer > 1")
+    _check(isinstance(d.get("extra_dirs", ""), str),
+           f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
     m = config.model

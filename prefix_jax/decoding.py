@@ -1,21 +1,62 @@
-"""Greedy decoding with a KV cache whose first P slots hold the prefix (written once).
+"""Decoding with a KV cache whose first P slots hold the prefix (written once): greedy, sampling
+(temperature, top-k, top-p) and beam search (beam size, length penalty, stop tokens).
 
+One code path: `_prefill` runs the left-padded prompts over the cache once and `_step` feeds one
+token per row; the greedy/sampling loop and the beam loop differ only in how they pick tokens.
 Prompts are left-padded to a common length, so every row writes its new token into the same
-cache slot each step; a per-slot validity mask hides the padding. Each new token costs one
-forward pass of one position over the cache. Shapes depend only on (batch, padded prompt length,
-max_new_tokens), so batches of one bucket never recompile.
+cache slot each step; a per-slot validity mask hides the padding. Shapes depend only on (batch,
+padded prompt length, settings), so batches of one bucket never recompile.
+
+The prefix is `KV([L, B_p, P, K, D])` with `B_p` = 1 (one prefix shared by the batch) or B (each
+row its own prefix, e.g. rows gathered from a bank of trained prefixes: `bank.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from prefix_jax import models
 from prefix_jax.models.llama import KV, Llama
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """How to continue a prompt. Hashable: it is a static argument of the jitted decoder."""
+
+    max_new_tokens: int = 64
+    stop_ids: tuple[int, ...] = ()  # a row ends after emitting any of these (EOS goes here)
+    pad_id: int = 0  # fills each row after its stop token
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam: score = sum log p / (generated tokens ** length_penalty)
+    do_sample: bool = False  # sample instead of argmax (num_beams must be 1)
+    temperature: float = 1.0  # sampling: logits / temperature
+    top_k: int = 0  # sampling: keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # sampling: keep the smallest set of tokens with this much probability
+    position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
+
+    def __post_init__(self):
+        checks = [
+            (self.max_new_tokens > 0, f"max_new_tokens={self.max_new_tokens} must be > 0"),
+            (self.num_beams >= 1, f"num_beams={self.num_beams} must be >= 1"),
+            (not (self.do_sample and self.num_beams > 1),
+             "sampling with num_beams > 1 is not supported; use one or the other"),
+            (self.temperature > 0, f"temperature={self.temperature} must be > 0"),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class Decoded(NamedTuple):
+    tokens: jax.Array  # [B, max_new_tokens], `pad_id` after each row's stop token
+    scores: jax.Array  # [B]: greedy/sampling: sum of log-probs; beam: the length-penalized score
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 16
@@ -30,79 +71,245 @@ def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 16
     return tokens, valid
 
 
-@functools.partial(jax.jit, static_argnames=("module", "max_new_tokens", "position_offset"))
-def greedy(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array, valid: jax.Array,
-           max_new_tokens: int, eos_id: int, pad_id: int, position_offset: int = 0) -> jax.Array:
-    """Greedy continuation `[B, max_new_tokens]` of left-padded prompts; pad after EOS.
+class _Cache(NamedTuple):
+    kv: KV  # [L, B, S, K, D]: prefix slots, prompt slots, then one slot per new token
+    slot_valid: jax.Array  # [B, S]: False on left padding
+    next_slot: jax.Array  # scalar: where the next token's key/value goes
+    next_position: jax.Array  # [B]: the next token's position
 
-    `position_offset` is where real tokens' positions start (0, or P for the HF/PEFT convention).
-    """
+
+def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+             valid: jax.Array, max_new_tokens: int, position_offset: int
+             ) -> tuple[jax.Array, _Cache]:
+    """The prompts over a fresh cache (prefix already in it); next-token logits `[B, V]`."""
     cfg = module.config
     b, t = tokens.shape
     n_prefix = 0 if prefix is None else prefix.k.shape[2]
+    if prefix is not None and prefix.k.shape[1] not in (1, b):
+        raise ValueError(f"prefix batch axis is {prefix.k.shape[1]}; it must be 1 (shared) or "
+                         f"the batch size {b} (one prefix per row)")
     n_slots = n_prefix + t + max_new_tokens
+    dtype = jnp.dtype(cfg.dtype)
     shape = (cfg.n_layers, b, n_slots, cfg.n_kv_heads, cfg.head_dim)
-    cache = KV(jnp.zeros(shape, jnp.dtype(cfg.dtype)), jnp.zeros(shape, jnp.dtype(cfg.dtype)))
+    kv = KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     if n_prefix:
-        cache = KV(*(c.at[:, :, :n_prefix].set(jnp.broadcast_to(p, (cfg.n_layers, b, *p.shape[2:])
-                                                                ).astype(c.dtype))
-                     for c, p in zip(cache, prefix)))
+        kv = KV(*(c.at[:, :, :n_prefix].set(
+            jnp.broadcast_to(p, (cfg.n_layers, b, *p.shape[2:])).astype(dtype))
+            for c, p in zip(kv, prefix)))
     slot_valid = jnp.concatenate([jnp.ones((b, n_prefix), bool), valid,
                                   jnp.ones((b, max_new_tokens), bool)], axis=1)
-    slots = jnp.arange(n_slots)
-
-    def mask_upto(last_slots):  # [T] -> [B, T, S]: valid slots not after each query's own
-        return slot_valid[:, None, :] & (slots[None, None, :] <= last_slots[None, :, None])
-
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + position_offset
-    logits, cache = module.apply({"params": params}, tokens, positions,
-                                 mask_upto(n_prefix + jnp.arange(t)), cache=cache,
-                                 cache_index=n_prefix)
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+    query_slots = n_prefix + jnp.arange(t)
+    mask = slot_valid[:, None, :] & (jnp.arange(n_slots)[None, None, :]
+                                     <= query_slots[None, :, None])
+    hidden, kv = module.apply({"params": params}, tokens, positions, mask, cache=kv,
+                              cache_index=n_prefix, return_hidden=True)
+    logits = module.apply({"params": params}, hidden[:, -1], method=Llama.logits)
+    return logits.astype(jnp.float32), _Cache(kv, slot_valid, jnp.int32(n_prefix + t),
+                                              positions[:, -1] + 1)
+
+
+def _step(module: Llama, params: dict, cache: _Cache, token: jax.Array
+          ) -> tuple[jax.Array, _Cache]:
+    """Feed one token per row `[B]`; next-token logits `[B, V]` and the advanced cache."""
+    n_slots = cache.slot_valid.shape[1]
+    mask = cache.slot_valid[:, None, :] & (jnp.arange(n_slots) <= cache.next_slot)[None, None]
+    logits, kv = module.apply({"params": params}, token[:, None], cache.next_position[:, None],
+                              mask, cache=cache.kv, cache_index=cache.next_slot)
+    return logits[:, -1].astype(jnp.float32), _Cache(kv, cache.slot_valid, cache.next_slot + 1,
+                                                     cache.next_position + 1)
+
+
+def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+    if not stop_ids:
+        return jnp.zeros(token.shape, bool)
+    return jnp.isin(token, jnp.asarray(stop_ids, token.dtype))
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Temperature, then top-k, then top-p (nucleus) on `[B, V]` logits; dropped tokens -> -inf.
+
+    Top-p keeps the most likely tokens up to and including the first at which the cumulative
+    probability reaches `top_p` (at least one token).
+    """
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep_sorted = mass_before < top_p
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(
+            keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return logits
+
+
+def _greedy_or_sample(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+                      valid: jax.Array, settings: DecodeSettings, rng: jax.Array) -> Decoded:
+    b = tokens.shape[0]
+    n = settings.max_new_tokens
+    logits, cache = _prefill(module, params, prefix, tokens, valid, n, settings.position_offset)
+
+    def pick(logits, i):
+        if not settings.do_sample:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        kept = filter_logits(logits, settings.temperature, settings.top_k, settings.top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, i), kept).astype(jnp.int32)
 
     def cond(carry):
-        i, _, _, done, _ = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
+        i, _, _, done, _, _ = carry
+        return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, token, cache, done, out = carry
-        out = out.at[:, i].set(jnp.where(done, pad_id, token))
-        done = done | (token == eos_id)
-        slot = n_prefix + t + i
-        pos = positions[:, -1:] + 1 + i
-        logits, cache = module.apply({"params": params}, token[:, None], pos,
-                                     mask_upto(slot[None]), cache=cache, cache_index=slot)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-        return i + 1, token, cache, done, out
+        i, logits, cache, done, out, score = carry
+        token = pick(logits, i)
+        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+        score = score + jnp.where(done, 0.0, logp)
+        token = jnp.where(done, settings.pad_id, token)
+        out = out.at[:, i].set(token)
+        done = done | _is_stop(token, settings.stop_ids)
+        # The last iteration's step is wasted work; skipping it would cost a cond in the loop.
+        logits, cache = _step(module, params, cache, token)
+        return i + 1, logits, cache, done, out, score
 
-    carry = (jnp.int32(0), first, cache, jnp.zeros((b,), bool), out)
-    return jax.lax.while_loop(cond, body, carry)[-1]
+    out = jnp.full((b, n), settings.pad_id, jnp.int32)
+    carry = (jnp.int32(0), logits, cache, jnp.zeros((b,), bool), out, jnp.zeros((b,), jnp.float32))
+    _, _, _, _, out, score = jax.lax.while_loop(cond, body, carry)
+    return Decoded(out, score)
 
 
-def decode_texts(tokenizer, generated: np.ndarray, eos_id: int) -> list[str]:
-    """Token rows -> strings, cut at the first EOS."""
+def _beam_search(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+                 valid: jax.Array, settings: DecodeSettings) -> Decoded:
+    """Beam search over `num_beams` hypotheses per prompt.
+
+    Each step ranks the 2W best continuations of the W live beams. Those among the first W that
+    end in a stop token (or reach `max_new_tokens`) are offered to the W finished hypotheses,
+    scored `sum log p / length ** length_penalty` (length = generated tokens, stop token
+    included); the best W that do not end stay live. A prompt is done when no live beam can
+    still beat its worst finished hypothesis: log-probs only fall, so the bound is exact (the
+    best live score over the longest possible length when `length_penalty` > 0, the shortest
+    otherwise). This is transformers' beam search with `early_stopping="never"`.
+    """
+    b = tokens.shape[0]
+    w, n, lp = settings.num_beams, settings.max_new_tokens, settings.length_penalty
+    logits, cache = _prefill(module, params, prefix, tokens, valid, n, settings.position_offset)
+    # The prompt is read once per row, then copied to each beam (row b * W + beam).
+    logits = jnp.repeat(logits, w, axis=0)
+    cache = _Cache(KV(*(jnp.repeat(c, w, axis=1) for c in cache.kv)),
+                   jnp.repeat(cache.slot_valid, w, axis=0), cache.next_slot,
+                   jnp.repeat(cache.next_position, w, axis=0))
+    vocab = logits.shape[-1]
+    neg_inf = jnp.float32(-jnp.inf)
+
+    def cond(carry):
+        i, *_, done = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, logits, cache, live_logp, live_seq, fin_score, fin_seq, done = carry
+        logp = jax.nn.log_softmax(logits).reshape(b, w, vocab) + live_logp[:, :, None]
+        cand_logp, cand_index = jax.lax.top_k(logp.reshape(b, w * vocab), 2 * w)
+        cand_beam, cand_token = cand_index // vocab, (cand_index % vocab).astype(jnp.int32)
+        cand_seq = jnp.take_along_axis(live_seq, cand_beam[:, :, None], axis=1)
+        cand_seq = cand_seq.at[:, :, i].set(cand_token)
+        ends = _is_stop(cand_token, settings.stop_ids) | (i == n - 1)
+
+        # Finished: stop-token candidates among the first W, merged with the kept ones.
+        offered = ends & (jnp.arange(2 * w) < w)[None]
+        new_score = jnp.where(offered & ~done[:, None],
+                              cand_logp / (i + 1.0) ** lp, neg_inf)
+        merged_score = jnp.concatenate([fin_score, new_score], axis=1)
+        fin_score, keep = jax.lax.top_k(merged_score, w)
+        fin_seq = jnp.take_along_axis(jnp.concatenate([fin_seq, cand_seq], axis=1),
+                                      keep[:, :, None], axis=1)
+
+        # Live: the W best candidates that did not end.
+        live_logp, keep = jax.lax.top_k(jnp.where(ends, neg_inf, cand_logp), w)
+        live_seq = jnp.take_along_axis(cand_seq, keep[:, :, None], axis=1)
+        parent = jnp.take_along_axis(cand_beam, keep, axis=1)
+        rows = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
+        cache = cache._replace(kv=KV(*(c[:, rows] for c in cache.kv)))
+        logits, cache = _step(module, params, cache, live_seq[:, :, i].reshape(-1))
+
+        length = jnp.where(lp > 0, n, i + 2).astype(jnp.float32)
+        best_possible = live_logp[:, 0] / length ** lp
+        done = done | (fin_score[:, -1] >= best_possible)
+        return i + 1, logits, cache, live_logp, live_seq, fin_score, fin_seq, done
+
+    live_logp = jnp.tile(jnp.asarray([0.0] + [-jnp.inf] * (w - 1), jnp.float32), (b, 1))
+    empty_seq = jnp.full((b, w, n), settings.pad_id, jnp.int32)
+    carry = (jnp.int32(0), logits, cache, live_logp, empty_seq,
+             jnp.full((b, w), neg_inf), empty_seq, jnp.zeros((b,), bool))
+    *_, fin_score, fin_seq, _ = jax.lax.while_loop(cond, body, carry)
+    return Decoded(fin_seq[:, 0], fin_score[:, 0])
+
+
+@functools.partial(jax.jit, static_argnames=("module", "settings"))
+def decode(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array, valid: jax.Array,
+           settings: DecodeSettings, rng: jax.Array | None = None) -> Decoded:
+    """Continue left-padded prompts (`tokens`, `valid`: `[B, T]`, see `left_pad`).
+
+    `prefix`: None, `KV([L, 1, P, K, D])` for the whole batch, or `KV([L, B, P, K, D])` for one
+    prefix per row. `rng` is needed only when sampling.
+    """
+    if settings.num_beams > 1:
+        return _beam_search(module, params, prefix, tokens, valid, settings)
+    if settings.do_sample and rng is None:
+        raise ValueError("sampling needs an rng key")
+    return _greedy_or_sample(module, params, prefix, tokens, valid, settings,
+                             jax.random.key(0) if rng is None else rng)
+
+
+def decode_texts(tokenizer, generated: np.ndarray, stop_ids: tuple[int, ...]) -> list[str]:
+    """Token rows -> strings, each cut at its first stop token."""
     texts = []
     for row in np.asarray(generated):
         ids = row.tolist()
-        if eos_id in ids:
-            ids = ids[:ids.index(eos_id)]
+        ends = [ids.index(s) for s in stop_ids if s in ids]
+        if ends:
+            ids = ids[:min(ends)]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts
 
 
+def settings_for(tokenizer, max_new_tokens: int, extra_stop_ids: tuple[int, ...] = (),
+                 **kwargs) -> DecodeSettings:
+    """Settings that stop at the tokenizer's EOS (plus `extra_stop_ids`) and pad with its pad id."""
+    from prefix_jax import models
+
+    stop = (tokenizer.eos_token_id, *extra_stop_ids)
+    return DecodeSettings(max_new_tokens=max_new_tokens, stop_ids=stop,
+                          pad_id=models.pad_id(tokenizer), **kwargs)
+
+
 def generate(module: Llama, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
-             batch_size: int, max_new_tokens: int, position_offset: int = 0) -> list[str]:
-    """Greedy generations for prompt strings, in batches (last batch padded to full size)."""
-    eos, pad = tokenizer.eos_token_id, models.pad_id(tokenizer)
+             batch_size: int, settings: DecodeSettings, prefix_rows: list[int] | None = None,
+             seed: int = 0) -> list[str]:
+    """Generations for prompt strings, in batches (the last batch padded to full size).
+
+    With `prefix_rows` (one int per prompt), `prefix` is a bank `KV([L, N, P, K, D])` and
+    prompt i uses the bank's prefix `prefix_rows[i]`; otherwise `prefix` is shared (or None).
+    """
+    if prefix_rows is not None and len(prefix_rows) != len(prompts):
+        raise ValueError(f"{len(prefix_rows)} prefix rows for {len(prompts)} prompts")
     ids = tokenizer(prompts, add_special_tokens=False).input_ids
     texts: list[str] = []
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         n_real = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n_real)  # one shape for every batch
-        tokens, valid = left_pad(chunk, pad)
-        out = greedy(module, params, prefix, jnp.asarray(tokens), jnp.asarray(valid),
-                     max_new_tokens, eos, pad, position_offset)
-        texts.extend(decode_texts(tokenizer, np.asarray(out)[:n_real], eos))
+        tokens, valid = left_pad(chunk, settings.pad_id)
+        batch_prefix = prefix
+        if prefix_rows is not None:
+            rows = prefix_rows[start:start + batch_size]
+            rows = np.asarray(rows + [rows[-1]] * (batch_size - n_real))
+            batch_prefix = KV(prefix.k[:, rows], prefix.v[:, rows])
+        rng = jax.random.fold_in(jax.random.key(seed), start) if settings.do_sample else None
+        out = decode(module, params, batch_prefix, jnp.asarray(tokens), jnp.asarray(valid),
+                     settings, rng)
+        texts.extend(decode_texts(tokenizer, np.asarray(out.tokens)[:n_real], settings.stop_ids))
     return texts

@@ -2,7 +2,9 @@
 
 `build(prefix_cfg, model_cfg)` gives a Flax module whose `__call__()` (no inputs) returns the
 per-layer keys and values to prepend, `KV([L, 1, P, n_kv_heads, head_dim] x 2)`; the leading 1 is
-the batch axis, broadcast over the batch by the model. Modes, layer subsets, reparameterizations
+the batch axis, broadcast over the batch by the model. A multi-task run (`num_prefixes` N > 1)
+returns `KV([L, N, P, ...])`, one prefix per task, and each batch row picks its task's with
+`select`. Modes, layer subsets, reparameterizations
 and inits are new modules or initializers here; the train loop only sees `module.apply(params)`.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from prefix_jax.errors import UserError
@@ -20,6 +23,8 @@ MODES = ("kv",)
 # Logical names of the prefix parameters' dimensions (see sharding.py): replicated by default.
 LOGICAL_AXES = (
     (r"(^|/)(key|value)$", ("layers", "prefix", "kv_heads", "head_dim")),
+    # multi-task runs: one prefix per task, the task axis replicated
+    (r"(^|/)(task_keys|task_values)$", ("layers", None, "prefix", "kv_heads", "head_dim")),
 )
 INITS = ("random", "zero", "text")
 
@@ -36,25 +41,35 @@ class KVPrefix(nn.Module):
     head_dim: int
     init_method: str = "random"
     init_std: float = 1.0
+    num_prefixes: int = 1  # > 1: one prefix per task, params [L, N, P, K, D]
 
     @nn.compact
     def __call__(self) -> KV:
-        shape = (self.n_layers, self.length, self.n_kv_heads, self.head_dim)
+        # A single prefix keeps its [L, P, K, D] `key`/`value` params (and so its checkpoints);
+        # several are `task_keys`/`task_values` [L, N, P, K, D], a leaf of another rank.
         initializer = (nn.initializers.zeros if self.init_method == "zero"
                        else nn.initializers.normal(self.init_std))
+        if self.num_prefixes > 1:
+            shape = (self.n_layers, self.num_prefixes, self.length, self.n_kv_heads,
+                     self.head_dim)
+            return KV(self.param("task_keys", initializer, shape),
+                      self.param("task_values", initializer, shape))
+        shape = (self.n_layers, self.length, self.n_kv_heads, self.head_dim)
         k = self.param("key", initializer, shape)
         v = self.param("value", initializer, shape)
         return KV(k[:, None], v[:, None])
 
 
-def build(prefix_cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig) -> nn.Module:
+def build(prefix_cfg: ml_collections.ConfigDict, model_cfg: LlamaConfig,
+          num_prefixes: int = 1) -> nn.Module:
     if prefix_cfg.mode not in MODES:
         raise UserError(f"prefix.mode={prefix_cfg.mode!r} is not one of {MODES}")
     if prefix_cfg.init not in INITS:
         raise UserError(f"prefix.init={prefix_cfg.init!r} is not one of {INITS}")
     return KVPrefix(n_layers=model_cfg.n_layers, length=prefix_cfg.length,
                     n_kv_heads=model_cfg.n_kv_heads, head_dim=model_cfg.head_dim,
-                    init_method=prefix_cfg.init, init_std=prefix_cfg.init_std)
+                    init_method=prefix_cfg.init, init_std=prefix_cfg.init_std,
+                    num_prefixes=num_prefixes)
 
 
 def init(module: nn.Module, rng: jax.Array, prefix_cfg: ml_collections.ConfigDict | None = None,
@@ -71,7 +86,12 @@ def init(module: nn.Module, rng: jax.Array, prefix_cfg: ml_collections.ConfigDic
         if base is None:
             raise ValueError("prefix.init='text' needs the base model")
         kv = text_activations(base, prefix_cfg.init_text, module.length)
-        params = {"key": kv.k[:, 0], "value": kv.v[:, 0]}
+        if module.num_prefixes > 1:  # every task starts from the same words
+            n = module.num_prefixes
+            params = {"task_keys": jnp.repeat(kv.k, n, axis=1),
+                      "task_values": jnp.repeat(kv.v, n, axis=1)}
+        else:
+            params = {"key": kv.k[:, 0], "value": kv.v[:, 0]}
     return params
 
 
@@ -94,6 +114,16 @@ def text_activations(base, text: str, length: int) -> KV:
         return base.module.apply({"params": params}, tokens, positions, mask)[1]
 
     return forward(base.params, tokens)
+
+
+def select(kv: KV, rows: jax.Array | None) -> KV:
+    """Each batch row's prefix from a multi-task `KV([L, N, ...])`: `rows` `[B]` -> `[L, B, ...]`.
+    A single prefix (N = 1) is returned as it is, to be broadcast over the batch."""
+    if kv.k.shape[1] == 1:
+        return kv
+    if rows is None:
+        raise ValueError(f"a batch for {kv.k.shape[1]} prefixes needs 'prefix_ids'")
+    return KV(jnp.take(kv.k, rows, axis=1), jnp.take(kv.v, rows, axis=1))
 
 
 def length(prefix: KV | None) -> int:

@@ -63,7 +63,8 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array]) -> ja
     The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
     the loss reads it, not on the source and padding positions.
     """
-    kv = model.prefix.apply({"params": params["prefix"]})
+    kv = prefix.select(model.prefix.apply({"params": params["prefix"]}),
+                       batch.get("prefix_ids"))
     mask = causal_mask(batch["segment_ids"], prefix.length(kv))
     hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
                                  batch["positions"] + model.position_offset, mask, prefix=kv,
@@ -91,14 +92,20 @@ def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Mo
 
 
 def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str],
-                        references: list[list[str]], eval_cfg, with_prefix: bool
-                        ) -> tuple[dict[str, float], list[str]]:
-    """Greedy generations for dev MRs, scored against all references of each MR."""
-    kv = model.prefix.apply({"params": params["prefix"]}) if with_prefix else None
+                        references: list[list[str]], eval_cfg, with_prefix: bool,
+                        task: int = 0) -> tuple[dict[str, float], list[str]]:
+    """Generations for dev MRs (greedy or beam), scored against all references of each MR,
+    with task `task`'s prefix (multi-task runs)."""
+    kv = None
+    if with_prefix:
+        kv = prefix.select(model.prefix.apply({"params": params["prefix"]}), jnp.asarray([task]))
     offset = model.position_offset if with_prefix else 0
     prompts = [e2e.format_source(s) for s in sources]
+    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, position_offset=offset,
+                                     num_beams=eval_cfg.num_beams,
+                                     length_penalty=eval_cfg.length_penalty)
     predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
-                                    eval_cfg.batch_size, eval_cfg.max_new_tokens, offset)
+                                    eval_cfg.batch_size, settings)
     scores = {"bleu": metrics.corpus_bleu(predictions, references),
               "rouge_l": metrics.rouge_l(predictions, references)}
     return scores, predictions
@@ -116,6 +123,29 @@ def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> No
           f"on {len(sources)} dev MRs ==")
     for s, p in list(zip(sources, predictions))[:n]:
         print(f"  MR:   {s}\n  GEN:  {p}")
+
+
+def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
+                   is_main: bool) -> dict[str, float]:
+    """The whole test split with the reportable metrics (beam search), into eval_test.json."""
+    from prefix_jax import evaluation
+
+    settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
+                                     position_offset=model.position_offset,
+                                     num_beams=config.eval.test_num_beams,
+                                     length_penalty=config.eval.length_penalty)
+    kv = model.prefix.apply({"params": params["prefix"]})
+    started = time.perf_counter()
+    result = evaluation.evaluate_split(
+        model.base, params["base"], kv, tokenizer, workdir if is_main else None, "e2e", "e2e",
+        config.data.dir, "test", settings, config.eval.test_batch_size,
+        extra={"step": config.train.num_steps})
+    scores = result["scores"]
+    if is_main:
+        print(f"\n== test ({result['num_examples']} MRs, beam {settings.num_beams}): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
+              + f" ({time.perf_counter() - started:.0f} s) ==")
+    return {f"test/{k}": v for k, v in scores.items()}
 
 
 _BASE_AXES = shd.regex_axes(LOGICAL_AXES)
@@ -153,7 +183,8 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     With a `mesh`, every array is placed by `config.mesh.rules` (the optimizer state created
     directly in its parameters' shardings); without one, on the default device.
     """
-    prefix_module = prefix.build(config.prefix, loaded.config)
+    prefix_module = prefix.build(config.prefix, loaded.config,
+                                 len(configs.task_dirs(config)))
     params = {"base": loaded.params,
               "prefix": prefix.init(prefix_module, jax.random.key(config.seed), config.prefix,
                                     loaded)}
@@ -257,19 +288,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by the "
                         f"{shd.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)} "
                         "(data x fsdp); use a multiple of it")
-    train_pairs = e2e.read_pairs(config.data.dir, "train")
-    dev_sources, dev_refs = e2e.group_references(e2e.read_pairs(config.data.dir, "dev"))
-    dev_sources = dev_sources[:config.eval.num_examples]
-    dev_refs = dev_refs[:config.eval.num_examples]
+    dirs = configs.task_dirs(config)
+    train_pairs = [e2e.read_pairs(d, "train") for d in dirs]
+    dev_sets = [e2e.group_references(e2e.read_pairs(d, "dev")) for d in dirs]
+    if config.eval.test_at_end:
+        from prefix_jax import evaluation
+
+        evaluation.check_can_score("e2e")
+        e2e.read_pairs(config.data.dir, "test")  # a missing test file fails now, not at the end
+    dev_sets = [(s[:config.eval.num_examples], r[:config.eval.num_examples]) for s, r in dev_sets]
+    dev_sources = dev_sets[0][0]
     loaded = models.load(config.model, seed=config.seed)
     if config.data.max_len > loaded.config.max_seq_len:
         raise UserError(f"data.max_len={config.data.max_len} exceeds the model's maximum "
                         f"sequence length {loaded.config.max_seq_len}; lower data.max_len")
-    if config.data.train_examples:
-        order = np.random.default_rng(config.seed).permutation(len(train_pairs))
-        train_pairs = [train_pairs[i] for i in order[:config.data.train_examples]]
-    train_data = pipeline.tokenize_pairs(train_pairs, loaded.tokenizer, config.data.max_len,
-                                         os.path.join(config.data.dir, "trainset.csv"))
+    train_data = []
+    for task, (pairs, data_dir) in enumerate(zip(train_pairs, dirs)):
+        if config.data.train_examples:
+            order = np.random.default_rng(config.seed).permutation(len(pairs))
+            pairs = [pairs[i] for i in order[:config.data.train_examples]]
+        train_data += pipeline.tokenize_pairs(pairs, loaded.tokenizer, config.data.max_len,
+                                              os.path.join(data_dir, "trainset.csv"), task)
 
     # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
     # by config.mesh.rules straight from the host arrays, the trainable state beside it.
@@ -319,18 +358,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       out_shardings=(setup.state_shardings, replicated))
 
     def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
-        if not dev_sources:
-            return {}
-        started = time.perf_counter()
-        scores, predictions = evaluate_generation(
-            model, partition.merge(state.trainable, frozen), loaded.tokenizer, dev_sources,
-            dev_refs, config.eval, with_prefix)
-        if is_main:
-            _save_generations(workdir, name, dev_sources, dev_refs, predictions)
-        if is_main:
-            _print_samples(name, scores, dev_sources, predictions, config.eval.num_samples)
-        say(f"  ({len(dev_sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
-        return scores
+        """Dev scores of every task (task k > 0 as `task{k}_bleu`, ...), each with its prefix."""
+        results = {}
+        for task, (sources, refs) in enumerate(dev_sets):
+            if not sources:
+                continue
+            started = time.perf_counter()
+            task_name = name if task == 0 else f"{name}_task{task}"
+            scores, predictions = evaluate_generation(
+                model, partition.merge(state.trainable, frozen), loaded.tokenizer, sources,
+                refs, config.eval, with_prefix, task)
+            if is_main:
+                _save_generations(workdir, task_name, sources, refs, predictions)
+                _print_samples(task_name, scores, sources, predictions, config.eval.num_samples)
+            say(f"  ({len(sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
+            results.update({(k if task == 0 else f"task{task}_{k}"): v for k, v in scores.items()})
+        return results
 
     # ---- The untuned model, once per workdir, as the baseline printed beside the result.
     untuned_path = os.path.join(workdir, "eval_untuned.json")
@@ -405,11 +448,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if os.path.exists(untuned_path):
         with open(untuned_path) as f:
             result.update({f"eval_untuned/{k}": v for k, v in json.load(f).items()})
+    if config.eval.test_at_end:
+        result.update(_evaluate_test(config, model, partition.merge(state.trainable, frozen),
+                                     loaded.tokenizer, workdir, is_main))
     if is_main:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
     before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())
-        say(f"\ndev ({len(dev_sources)} MRs, greedy), untuned -> prefix-tuned: {line}")
+        how = "greedy" if config.eval.num_beams == 1 else f"beam {config.eval.num_beams}"
+        say(f"\ndev ({len(dev_sources)} MRs, {how}), untuned -> prefix-tuned: {line}")
     return result

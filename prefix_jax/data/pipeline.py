@@ -26,9 +26,11 @@ BUCKET_CHUNKS = 50  # batches per sorting chunk: more = less padding, less rando
 class Tokenized:
     tokens: np.ndarray  # int32 [n], source then target (target ends with EOS)
     n_source: int  # first n_source tokens are the prompt (no loss)
+    prefix_id: int = 0  # which task's prefix the row trains (multi-task runs)
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str) -> list[Tokenized]:
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str, prefix_id: int = 0
+                   ) -> list[Tokenized]:
     """Source and target are tokenized apart, so the loss boundary is exact."""
     sources = tokenizer([format_source(p.source) for p in pairs], add_special_tokens=False)
     targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)
@@ -39,7 +41,7 @@ def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str) -> li
         if len(ids) > max_len:
             raise UserError(f"{where}: pair {i} is {len(ids)} tokens, longer than data.max_len="
                             f"{max_len}; raise data.max_len (up to the model's maximum)")
-        out.append(Tokenized(ids, len(s)))
+        out.append(Tokenized(ids, len(s), prefix_id))
     return out
 
 
@@ -59,7 +61,8 @@ def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
     """Right-padded next-token batch, inputs = seq[:-1], with the loss read at target positions.
 
     `tokens`, `positions`, `segment_ids` are `[B, T]`; `segment_ids` is 1 on real tokens and 0
-    on padding (packing would number segments 1, 2, ...). The loss needs logits only where the
+    on padding (packing would number segments 1, 2, ...); `prefix_ids` `[B]` is each row's
+    task (multi-task runs train one prefix per task). The loss needs logits only where the
     next token is target text (incl. EOS): `target_index` `[B, W]` holds those positions,
     `target_tokens` the tokens to predict there, `target_weight` 1 for real entries, so the LM
     head runs on W instead of T positions. `widths` (default: buckets of this batch) fixes
@@ -71,7 +74,8 @@ def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
                  positions=np.zeros((b, t), np.int32), segment_ids=np.zeros((b, t), np.int32),
                  target_index=np.zeros((b, w), np.int32),
                  target_tokens=np.full((b, w), pad_id, np.int32),
-                 target_weight=np.zeros((b, w), np.float32))
+                 target_weight=np.zeros((b, w), np.float32),
+                 prefix_ids=np.zeros((b,), np.int32))
     for row, e in enumerate(examples):
         n = len(e.tokens) - 1
         batch["tokens"][row, :n] = e.tokens[:-1]
@@ -81,6 +85,7 @@ def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
         batch["target_index"][row, :k] = np.arange(e.n_source - 1, n)
         batch["target_tokens"][row, :k] = e.tokens[e.n_source:]
         batch["target_weight"][row, :k] = 1.0
+        batch["prefix_ids"][row] = e.prefix_id
     return batch
 
 

@@ -1,0 +1,49 @@
+"""DART v1.1.1 (Nan et al. 2021): sets of (subject, relation, object) triples -> text.
+
+Files (see ../shared/data/dart/SOURCE.md): `dart-v1.1.1-full-dev.json` (a list of
+{tripleset, annotations: [{source, text}]}) and `dart-v1.1.1-full-test.xml` (WebNLG-style XML,
+`<entry>` with `<mtriple>subj | REL | obj</mtriple>` and `<lex>` references). No train split
+ships here, so DART is an evaluation task only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+
+from prefix_jax.errors import UserError
+
+SPLIT_FILES = {"dev": "dart-v1.1.1-full-dev.json", "test": "dart-v1.1.1-full-test.xml"}
+GET_DATA = "put the DART v1.1.1 release there (see ../shared/data/dart/SOURCE.md)"
+
+
+def format_triples(triples: list[tuple[str, str, str]]) -> str:
+    """One line: `subj : rel : obj | subj : rel : obj`."""
+    return " | ".join(" : ".join(t) for t in triples)
+
+
+def read_split(data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
+    """Linearized triple sets and all references of each, in file order."""
+    path = os.path.join(data_dir, SPLIT_FILES[split])
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: DART {split} file not found; {GET_DATA}")
+    sources, references = [], []
+    try:
+        if path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                for entry in json.load(f):
+                    sources.append(format_triples([tuple(t) for t in entry["tripleset"]]))
+                    references.append([a["text"].strip() for a in entry["annotations"]])
+        else:
+            for entry in ET.parse(path).getroot().iter("entry"):
+                triples = [tuple(part.strip() for part in m.text.split("|"))
+                           for m in entry.iter("mtriple")]
+                sources.append(format_triples(triples))
+                references.append([lex.text.strip() for lex in entry.iter("lex") if lex.text])
+    except (json.JSONDecodeError, ET.ParseError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is not a DART v1.1.1 {split} file ({type(e).__name__}: {e}); "
+                        f"{GET_DATA}") from e
+    if not sources:
+        raise UserError(f"{path}: no entries; {GET_DATA}")
+    return sources, references
