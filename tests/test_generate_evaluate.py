@@ -158,4 +158,6 @@ def test_runs_trained_before_newer_config_fields_still_load(two_runs, tmp_path):
     (old / "config.json").write_text(json.dumps(config))
     run = bank.load([str(old)])
     np_equal = (run.prefixes.k == bank.load([two_runs[0]]).prefixes.k).all()
-    assert bool(np_equal) and run.configs[0].model.remat == "none"
+    from prefix_jax import configs
+
+    assert bool(np_equal) and run.configs[0].model.remat == configs.model_config().remat
