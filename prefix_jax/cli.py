@@ -22,6 +22,22 @@ class Parser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def add_decoding_flags(parser: argparse.ArgumentParser, num_beams: int, batch_size: int) -> None:
+    """The decoding flags every script shares (checked by `check_decoding_flags`)."""
+    greedy = " (default)" if num_beams == 1 else f" (default {num_beams})"
+    parser.add_argument("--num_beams", type=int, default=num_beams, help="1 = greedy" + greedy)
+    parser.add_argument("--length_penalty", type=float, default=1.0)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=batch_size,
+                        help="prompts decoded together")
+
+
+def check_decoding_flags(args: argparse.Namespace) -> None:
+    for name in ("num_beams", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            fail(f"--{name}={getattr(args, name)} must be >= 1")
+
+
 def run(main: Callable[[], None]) -> None:
     """Call `main`, turning a UserError into one line and exit status 2."""
     from prefix_jax.errors import UserError

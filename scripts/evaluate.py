@@ -28,15 +28,10 @@ def main() -> None:
                         help="default: the run's own task (its config.json)")
     parser.add_argument("--data_dir", default=None,
                         help="default: the run's data.dir, or ../shared/data/<task>")
-    parser.add_argument("--num_beams", type=int, default=5, help="1 = greedy (default 5)")
-    parser.add_argument("--length_penalty", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=10, help="prompts decoded together")
+    cli.add_decoding_flags(parser, num_beams=5, batch_size=10)
     parser.add_argument("--limit", type=int, default=0, help="first N sources only; 0 = all")
     args = parser.parse_args()
-    for name in ("num_beams", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            cli.fail(f"--{name}={getattr(args, name)} must be >= 1")
+    cli.check_decoding_flags(args)
     if args.limit < 0:
         cli.fail(f"--limit={args.limit} must be >= 0 (0 = all)")
     if not os.path.isdir(args.workdir):

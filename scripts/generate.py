@@ -57,19 +57,14 @@ def main() -> None:
     parser.add_argument("--input", required=True, help="one source per line")
     parser.add_argument("--output", required=True, help="one generation per line")
     parser.add_argument("--raw", action="store_true", help="lines are exact prompts")
-    parser.add_argument("--num_beams", type=int, default=1, help="1 = greedy (default)")
-    parser.add_argument("--length_penalty", type=float, default=1.0)
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    cli.add_decoding_flags(parser, num_beams=1, batch_size=16)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of argmax")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0 = off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
-    parser.add_argument("--batch_size", type=int, default=16, help="prompts decoded together")
     args = parser.parse_args()
-    for name in ("num_beams", "max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            cli.fail(f"--{name}={getattr(args, name)} must be >= 1")
+    cli.check_decoding_flags(args)
     if os.path.isdir(args.output):
         cli.fail(f"--output={args.output} is a directory; give a file path")
     out_dir = os.path.dirname(os.path.abspath(args.output))
