@@ -344,6 +344,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f.write(config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "sharding.json"), "w") as f:
             json.dump(layout, f, indent=2)
+        with open(os.path.join(workdir, "params.json"), "w") as f:
+            json.dump({"trainable": n_train, "base": n_base,
+                       "trainable_percent": 100 * n_train / n_base,
+                       "trainable_paths": partition.trainable_paths(labels)}, f, indent=2)
     writer = MetricWriter(workdir, enabled=is_main)
     logging.info("model %s: %d base params; trainable %d (%.4f%% of base): %s", loaded.source,
                  n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))

@@ -35,6 +35,11 @@ def test_runlocal_trains_with_falling_loss_and_writes_outputs(uninterrupted):
     assert any("eval/bleu" in m and "eval/rouge_l" in m for m in rows)
     assert all(m["train/tokens_per_sec"] > 0 for m in rows if "train/tokens_per_sec" in m)
     assert "eval/bleu" in result and "eval_untuned/bleu" in result
+    with open(workdir / "params.json") as f:
+        counted = json.load(f)
+    assert counted["trainable"] == 2 * 2 * 10 * 2 * 16  # key+value x L x P x kv_heads x head_dim
+    assert counted["trainable_percent"] == pytest.approx(100 * counted["trainable"]
+                                                         / counted["base"])
     with open(workdir / "generations" / "dev_step30.jsonl") as f:
         first = json.loads(f.readline())
     assert set(first) == {"source", "prediction", "references"} and first["references"]
