@@ -27,7 +27,7 @@ from prefix_jax.models.llama import KV
 class Bank:
     base: models.LoadedModel  # the frozen base (with any trained base weights of a single run)
     prefixes: KV  # [L, N, P, K, D], row i from workdirs[i]
-    position_offset: int  # where real tokens' positions start, the same for every run
+    options: prefix.DecodeOptions  # positions, prefix layers, infix: the same for every run
     configs: tuple[ml_collections.ConfigDict, ...]  # each run's config
     steps: tuple[int, ...]  # the checkpoint step each prefix comes from
 
@@ -60,6 +60,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     model = configs.model_config(config.model.path)
     model.update(config.model.to_dict())
     config.model = model
+    prefix_cfg = configs.prefix_config()  # prefix fields added later (layers, reparam, ...)
+    prefix_cfg.update(config.prefix.to_dict())
+    config.prefix = prefix_cfg
     return config
 
 
@@ -78,21 +81,19 @@ def load(workdirs: list[str]) -> Bank:
     for w, c in zip(workdirs[1:], run_configs[1:]):
         for field in ("model", "prefix"):
             if field == "prefix":
-                same = (c.prefix.length, c.prefix.positions, c.prefix.mode,
-                        len(configs.task_dirs(c))) == \
-                    (first.prefix.length, first.prefix.positions, first.prefix.mode,
-                     len(configs.task_dirs(first)))
+                fields = ("length", "positions", "mode", "layers", "placement")
+                same = ([c.prefix[f] for f in fields], len(configs.task_dirs(c))) == \
+                    ([first.prefix[f] for f in fields], len(configs.task_dirs(first)))
             else:
                 same = c.model.to_dict() == first.model.to_dict()
             if not same:
                 raise UserError(f"--workdir={w} has {field} {c[field].to_dict()} but "
                                 f"--workdir={workdirs[0]} has {first[field].to_dict()}; a bank "
                                 "needs runs of one base model with equal prefix length, mode, "
-                                "positions and number of tasks")
+                                "layers, placement, positions and number of tasks")
     base = models.load(first.model, seed=first.seed)
     fingerprint = checkpoint.base_fingerprint(base.params)
-    module = prefix.build(first.prefix, base.config, len(configs.task_dirs(first)))
-    keys, values, steps = [], [], []
+    prefix_params, steps = [], []
     trained_base = {}
     for w in workdirs:
         step, state, meta = checkpoint.load_latest_arrays(w)
@@ -105,17 +106,19 @@ def load(workdirs: list[str]) -> Bank:
             raise UserError(f"--workdir={w} trained base weights (trainable="
                             f"{run_configs[workdirs.index(w)].trainable!r}); a bank of several "
                             "runs shares one frozen base: give that run alone")
-        kv = module.apply({"params": state["trainable"]["prefix"]})
-        keys.append(kv.k)
-        values.append(kv.v)
+        prefix_params.append(state["trainable"]["prefix"])
         steps.append(step)
     if trained_base:
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: jnp.asarray(trained_base.get(path, x)), base.params)
         base = dataclasses.replace(base, params=params)
-    offset = first.prefix.length if first.prefix.positions == "after_prefix" else 0
-    return Bank(base, KV(jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)),
-                offset, tuple(run_configs), tuple(steps))
+    # Each run's own module: runs may differ in reparameterization (an MLP or flat prefix).
+    kvs = [prefix.compute(prefix.build(c.prefix, base.config, len(configs.task_dirs(c))), p,
+                          base.module, base.params) for c, p in zip(run_configs, prefix_params)]
+    return Bank(base, KV(jnp.concatenate([kv.k for kv in kvs], axis=1),
+                         jnp.concatenate([kv.v for kv in kvs], axis=1)),
+                prefix.decode_options(first.prefix, base.config.n_layers), tuple(run_configs),
+                tuple(steps))
 
 
 def assignments(n_runs: int, rows: list[int]) -> np.ndarray:

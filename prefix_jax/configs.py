@@ -101,12 +101,22 @@ def distributed_config() -> ml_collections.ConfigDict:
 
 
 def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
+    """The prefix variant (see prefix.py): every ablation of Li & Liang is one field here."""
     return ml_collections.ConfigDict(dict(
-        mode="kv",  # 'kv': trainable keys/values at every layer
+        mode="kv",  # 'kv': keys/values per layer; 'hidden': hidden states per layer, projected
+        # by the layer's frozen norm and K/V; 'input': embeddings at the input (prompt tuning)
         length=length,  # number of prefix slots P (0 = the base model)
-        init="random",  # 'random' (normal, std init_std), 'zero', or 'text' (activations)
+        layers="all",  # kv/hidden: 'all', 'top:K', 'bottom:K' or a list like '0,3,-1'
+        placement="prefix",  # 'prefix', or 'infix': seen only by the queries that predict the
+        # target (from the last source token on), not by the source (Li & Liang, Table 5)
+        reparam="none",  # 'none' (direct parameters) or 'mlp' (embedding -> MLP -> prefix)
+        mlp_hidden=512,  # reparam='mlp': hidden width (Li & Liang: 512)
+        dropout=0.0,  # dropout on the prefix during training (P-tuning v2: 0.1)
+        init="random",  # 'random' (normal, std init_std), 'zero', 'vocab' (values of sampled
+        # vocabulary tokens) or 'text' (values of the tokens of init_text)
         init_std=1.0,  # std of the random init (PEFT's nn.Embedding default is 1.0)
         init_text="table-to-text:",  # init='text': words whose activations start the prefix
+        init_fit_steps=300,  # reparam='mlp' with init 'text'/'vocab': Adam steps fitting the MLP
         positions="zero",  # real tokens start at 0 ('zero') or at P ('after_prefix', as HF/PEFT)
     ))
 
@@ -173,6 +183,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(p.positions in ("zero", "after_prefix"),
            f"prefix.positions={p.positions!r}: must be 'zero' or 'after_prefix'")
     _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")
+    for name, allowed in (("mode", ("kv", "hidden", "input")), ("placement", ("prefix", "infix")),
+                          ("reparam", ("none", "mlp")),
+                          ("init", ("random", "zero", "vocab", "text"))):
+        _check(p[name] in allowed, f"prefix.{name}={p[name]!r}: must be one of {allowed}")
+    _check(isinstance(p.dropout, float) and 0 <= p.dropout < 1,
+           f"prefix.dropout={p.dropout!r}: must be a float in [0, 1)")
+    _check(is_int(p.mlp_hidden) and p.mlp_hidden > 0,
+           f"prefix.mlp_hidden={p.mlp_hidden!r}: must be an integer > 0")
+    _check(is_int(p.init_fit_steps) and p.init_fit_steps >= 0,
+           f"prefix.init_fit_steps={p.init_fit_steps!r}: must be an integer >= 0")
     for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         value = t[name]
         _check(is_int(value) and value > 0, f"train.{name}={value!r}: must be an integer > 0")

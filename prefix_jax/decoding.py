@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from prefix_jax import prefix as prefix_lib
 from prefix_jax.models.llama import KV, Llama
 
 
@@ -38,6 +39,8 @@ class DecodeSettings:
     top_k: int = 0  # sampling: keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # sampling: keep the smallest set of tokens with this much probability
     position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
+    prefix_layers: tuple[int, ...] | None = None  # layers the prefix acts in (None = all)
+    infix: bool = False  # prefix slots seen only from the last prompt token on (infix placement)
 
     def __post_init__(self):
         checks = [
@@ -76,11 +79,11 @@ class _Cache(NamedTuple):
     slot_valid: jax.Array  # [B, S]: False on left padding
     next_slot: jax.Array  # scalar: where the next token's key/value goes
     next_position: jax.Array  # [B]: the next token's position
+    key_mask: jax.Array | None  # [L, S]: False on the prefix slots of layers without a prefix
 
 
 def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
-             valid: jax.Array, max_new_tokens: int, position_offset: int
-             ) -> tuple[jax.Array, _Cache]:
+             valid: jax.Array, settings: DecodeSettings) -> tuple[jax.Array, _Cache]:
     """The prompts over a fresh cache (prefix already in it); next-token logits `[B, V]`."""
     cfg = module.config
     b, t = tokens.shape
@@ -88,6 +91,7 @@ def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
     if prefix is not None and prefix.k.shape[1] not in (1, b):
         raise ValueError(f"prefix batch axis is {prefix.k.shape[1]}; it must be 1 (shared) or "
                          f"the batch size {b} (one prefix per row)")
+    max_new_tokens = settings.max_new_tokens
     n_slots = n_prefix + t + max_new_tokens
     dtype = jnp.dtype(cfg.dtype)
     shape = (cfg.n_layers, b, n_slots, cfg.n_kv_heads, cfg.head_dim)
@@ -98,15 +102,20 @@ def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
             for c, p in zip(kv, prefix)))
     slot_valid = jnp.concatenate([jnp.ones((b, n_prefix), bool), valid,
                                   jnp.ones((b, max_new_tokens), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + position_offset
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + settings.position_offset
     query_slots = n_prefix + jnp.arange(t)
     mask = slot_valid[:, None, :] & (jnp.arange(n_slots)[None, None, :]
                                      <= query_slots[None, :, None])
+    if settings.infix:  # the source does not see the infix; its last token (which predicts
+        # the first generated token) and every generated token do
+        sees = (jnp.arange(n_slots) >= n_prefix)[None, :] | (jnp.arange(t) == t - 1)[:, None]
+        mask = mask & sees[None]
+    key_mask = prefix_lib.key_mask(settings.prefix_layers, cfg.n_layers, n_prefix, n_slots)
     hidden, kv = module.apply({"params": params}, tokens, positions, mask, cache=kv,
-                              cache_index=n_prefix, return_hidden=True)
+                              cache_index=n_prefix, return_hidden=True, key_mask=key_mask)
     logits = module.apply({"params": params}, hidden[:, -1], method=Llama.logits)
     return logits.astype(jnp.float32), _Cache(kv, slot_valid, jnp.int32(n_prefix + t),
-                                              positions[:, -1] + 1)
+                                              positions[:, -1] + 1, key_mask)
 
 
 def _step(module: Llama, params: dict, cache: _Cache, token: jax.Array
@@ -115,9 +124,10 @@ def _step(module: Llama, params: dict, cache: _Cache, token: jax.Array
     n_slots = cache.slot_valid.shape[1]
     mask = cache.slot_valid[:, None, :] & (jnp.arange(n_slots) <= cache.next_slot)[None, None]
     logits, kv = module.apply({"params": params}, token[:, None], cache.next_position[:, None],
-                              mask, cache=cache.kv, cache_index=cache.next_slot)
+                              mask, cache=cache.kv, cache_index=cache.next_slot,
+                              key_mask=cache.key_mask)
     return logits[:, -1].astype(jnp.float32), _Cache(kv, cache.slot_valid, cache.next_slot + 1,
-                                                     cache.next_position + 1)
+                                                     cache.next_position + 1, cache.key_mask)
 
 
 def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -152,7 +162,7 @@ def _greedy_or_sample(module: Llama, params: dict, prefix: KV | None, tokens: ja
                       valid: jax.Array, settings: DecodeSettings, rng: jax.Array) -> Decoded:
     b = tokens.shape[0]
     n = settings.max_new_tokens
-    logits, cache = _prefill(module, params, prefix, tokens, valid, n, settings.position_offset)
+    logits, cache = _prefill(module, params, prefix, tokens, valid, settings)
 
     def pick(logits, i):
         if not settings.do_sample:
@@ -196,12 +206,12 @@ def _beam_search(module: Llama, params: dict, prefix: KV | None, tokens: jax.Arr
     """
     b = tokens.shape[0]
     w, n, lp = settings.num_beams, settings.max_new_tokens, settings.length_penalty
-    logits, cache = _prefill(module, params, prefix, tokens, valid, n, settings.position_offset)
+    logits, cache = _prefill(module, params, prefix, tokens, valid, settings)
     # The prompt is read once per row, then copied to each beam (row b * W + beam).
     logits = jnp.repeat(logits, w, axis=0)
     cache = _Cache(KV(*(jnp.repeat(c, w, axis=1) for c in cache.kv)),
                    jnp.repeat(cache.slot_valid, w, axis=0), cache.next_slot,
-                   jnp.repeat(cache.next_position, w, axis=0))
+                   jnp.repeat(cache.next_position, w, axis=0), cache.key_mask)
     vocab = logits.shape[-1]
     neg_inf = jnp.float32(-jnp.inf)
 

@@ -103,7 +103,7 @@ def evaluate_workdir(workdir: str, split: str, task: str | None = None,
     tokenizer = run.base.tokenizer
     settings = decoding.settings_for(tokenizer, max_new_tokens, num_beams=num_beams,
                                      length_penalty=length_penalty,
-                                     position_offset=run.position_offset)
+                                     **run.options.as_kwargs())
     return evaluate_split(run.base.module, run.base.params, run.row(0), tokenizer, workdir, task,
                           run_task, data_dir, split, settings, batch_size, limit,
                           extra={"step": run.steps[0], "data_dir": data_dir})

@@ -26,15 +26,49 @@ def path_str(path) -> str:
                     for k in path)
 
 
-def labels(params, trainable_regex: str):
-    """A tree like `params` with "train" where the path matches `trainable_regex` (re.search)."""
+def _compile(trainable_regex: str) -> re.Pattern:
     try:
-        pattern = re.compile(trainable_regex)
+        return re.compile(trainable_regex)
     except re.error as e:
         raise UserError(f"trainable={trainable_regex!r} is not a valid regex ({e}); e.g. "
                         "'^prefix/'") from None
+
+
+def _layer_paths(path: str, n_layers: int) -> list[tuple[str, str]]:
+    """Per-layer names of a leaf stacked over layers (`base/layers/...`, leading axis L): layer
+    i is both `base/layers/i/...` and `base/layers/{i - L}/...` (-1 = the top layer)."""
+    head, sep, tail = path.partition("/layers/")
+    return [(f"{head}/layers/{i}/{tail}", f"{head}/layers/{i - n_layers}/{tail}")
+            for i in range(n_layers)] if sep else []
+
+
+def labels(params, trainable_regex: str):
+    """A tree like `params` with "train" where the path matches `trainable_regex` (re.search),
+    or where it matches some layer of a stacked leaf (see `layer_masks`)."""
+    masks = layer_masks(params, trainable_regex)
+    pattern = _compile(trainable_regex)
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: TRAIN if pattern.search(path_str(p)) else FREEZE, params)
+        lambda p, _: TRAIN if pattern.search(path_str(p)) or path_str(p) in masks else FREEZE,
+        params)
+
+
+def layer_masks(params, trainable_regex: str) -> dict[str, np.ndarray]:
+    """Stacked leaves the regex selects only some layers of: path -> `[L]` bool.
+
+    Layers are scanned, so one leaf holds every layer; fine-tuning the top 2 layers
+    (`trainable='^base/layers/-[12]/'`) trains those rows of the leaf and must leave the others
+    bitwise unchanged: the optimizer zeroes their gradients and updates (`optim.make`)."""
+    pattern = _compile(trainable_regex)
+    masks = {}
+    for p, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = path_str(p)
+        if pattern.search(path) or not np.ndim(x):
+            continue
+        names = _layer_paths(path, np.shape(x)[0])
+        hits = np.asarray([any(pattern.search(n) for n in pair) for pair in names], bool)
+        if hits.any():
+            masks[path] = hits
+    return masks
 
 
 def split(params, label_tree):
@@ -50,9 +84,16 @@ def merge(trainable, frozen):
     return jax.tree.map(lambda t, f: f if is_hole(t) else t, trainable, frozen, is_leaf=is_hole)
 
 
-def count(tree) -> int:
-    """Number of scalars in the array leaves of `tree` (MaskedNode holes count nothing)."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+def count(tree, layer_masks: dict[str, np.ndarray] | None = None) -> int:
+    """Number of scalars in the array leaves of `tree` (MaskedNode holes count nothing); with
+    `layer_masks`, only the trained layers of partly trained stacked leaves."""
+    masks = layer_masks or {}
+    total = 0
+    for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        size = int(np.prod(x.shape))
+        hits = masks.get(path_str(p))
+        total += size if hits is None else size // len(hits) * int(hits.sum())
+    return total
 
 
 def trainable_paths(label_tree) -> list[str]:

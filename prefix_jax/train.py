@@ -53,29 +53,43 @@ class Model:
     """The base module and the prefix module: the code (not the weights) of a forward pass."""
 
     base: Llama
-    prefix: flax.linen.Module
-    position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
+    prefix: prefix.Prefix
+    options: prefix.DecodeOptions = dataclasses.field(default_factory=prefix.DecodeOptions)
+    dropout_seed: int = 0  # prefix dropout's key, folded with the step
+
+    def prefix_kv(self, params: dict, dropout_rng: jax.Array | None = None):
+        """The per-layer keys/values of the prefix in `params` (`{"base", "prefix"}`)."""
+        return prefix.compute(self.prefix, params["prefix"], self.base, params["base"],
+                              dropout_rng)
 
 
-def target_logits(model: Model, params: dict, batch: dict[str, jax.Array]) -> jax.Array:
+def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
+                  dropout_rng: jax.Array | None = None) -> jax.Array:
     """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer.
 
     The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
     the loss reads it, not on the source and padding positions.
     """
-    kv = prefix.select(model.prefix.apply({"params": params["prefix"]}),
-                       batch.get("prefix_ids"))
-    mask = causal_mask(batch["segment_ids"], prefix.length(kv))
+    kv = prefix.select(model.prefix_kv(params, dropout_rng), batch.get("prefix_ids"))
+    n_prefix = prefix.length(kv)
+    mask = causal_mask(batch["segment_ids"], n_prefix)
+    if model.options.infix:  # the source does not see the infix; the queries that predict
+        # the target (from the last source token, target_index[:, 0], on) do
+        sees = jnp.arange(mask.shape[1])[None, :] >= batch["target_index"][:, :1]
+        mask = mask.at[:, :, :n_prefix].set(mask[:, :, :n_prefix] & sees[:, :, None])
+    key_mask = prefix.key_mask(model.options.prefix_layers, model.prefix.n_layers, n_prefix,
+                               mask.shape[-1])
     hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
-                                 batch["positions"] + model.position_offset, mask, prefix=kv,
-                                 return_hidden=True)
+                                 batch["positions"] + model.options.position_offset, mask,
+                                 prefix=kv, return_hidden=True, key_mask=key_mask)
     hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
     return model.base.apply({"params": params["base"]}, hidden, method=Llama.logits)
 
 
-def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model):
+def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model,
+            dropout_rng: jax.Array | None = None):
     """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
-    logits = target_logits(model, partition.merge(trainable, frozen), batch)
+    logits = target_logits(model, partition.merge(trainable, frozen), batch, dropout_rng)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch["target_tokens"])
     weight = batch["target_weight"]
@@ -84,7 +98,11 @@ def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model):
 
 def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,
                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, model)
+    dropout_rng = None
+    if model.prefix.dropout:
+        dropout_rng = jax.random.fold_in(jax.random.key(model.dropout_seed), state.step)
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, model,
+                                              dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     step_metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
@@ -96,12 +114,12 @@ def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str
                         task: int = 0) -> tuple[dict[str, float], list[str]]:
     """Generations for dev MRs (greedy or beam), scored against all references of each MR,
     with task `task`'s prefix (multi-task runs)."""
-    kv = None
+    kv, options = None, prefix.DecodeOptions()
     if with_prefix:
-        kv = prefix.select(model.prefix.apply({"params": params["prefix"]}), jnp.asarray([task]))
-    offset = model.position_offset if with_prefix else 0
+        kv = prefix.select(model.prefix_kv(params), jnp.asarray([task]))
+        options = model.options
     prompts = [e2e.format_source(s) for s in sources]
-    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, position_offset=offset,
+    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, **options.as_kwargs(),
                                      num_beams=eval_cfg.num_beams,
                                      length_penalty=eval_cfg.length_penalty)
     predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
@@ -131,10 +149,10 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     from prefix_jax import evaluation
 
     settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
-                                     position_offset=model.position_offset,
+                                     **model.options.as_kwargs(),
                                      num_beams=config.eval.test_num_beams,
                                      length_penalty=config.eval.length_penalty)
-    kv = model.prefix.apply({"params": params["prefix"]})
+    kv = model.prefix_kv(params)
     started = time.perf_counter()
     result = evaluation.evaluate_split(
         model.base, params["base"], kv, tokenizer, workdir if is_main else None, "e2e", "e2e",
@@ -174,6 +192,7 @@ class Setup:
     state: TrainState
     frozen: Any  # full structure, MaskedNode where trainable
     state_shardings: Any = None  # TrainState of NamedShardings when placed on a mesh
+    layer_masks: Any = None  # path -> [L] bool: stacked leaves of which only some layers train
 
 
 def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedModel,
@@ -192,16 +211,19 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     trainable, frozen = partition.split(params, labels)
     if partition.count(trainable) == 0:
         raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
-                        "'prefix/key' or 'base/layers/q_proj/kernel'")
-    offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
-    tx = optim.make(config.optim, config.train.num_steps, labels)
-    model = Model(loaded.module, prefix_module, offset)
+                        "'prefix/key', 'base/layers/q_proj/kernel' or, for one layer of a "
+                        "stacked leaf, 'base/layers/-1/q_proj/kernel'")
+    layer_masks = partition.layer_masks(params, config.trainable)
+    tx = optim.make(config.optim, config.train.num_steps, labels, layer_masks)
+    model = Model(loaded.module, prefix_module,
+                  prefix.decode_options(config.prefix, loaded.config.n_layers), config.seed)
 
     def fresh_state(trainable):
         return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
 
     if mesh is None:
-        return Setup(model, labels, tx, fresh_state(trainable), frozen)
+        return Setup(model, labels, tx, fresh_state(trainable), frozen,
+                     layer_masks=layer_masks)
     rules = shd.parse_rules(config.mesh.rules)
     train_shardings, frozen_shardings = partition.split(
         shd.tree_shardings(params, param_axes, mesh, rules), labels)
@@ -210,7 +232,7 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     state_shardings = shd.state_shardings(jax.eval_shape(fresh_state, trainable),
                                           train_shardings, mesh)
     state = jax.jit(fresh_state, out_shardings=state_shardings)(trainable)
-    return Setup(model, labels, tx, state, frozen, state_shardings)
+    return Setup(model, labels, tx, state, frozen, state_shardings, layer_masks)
 
 
 class DivergedError(UserError):
@@ -318,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model, labels, tx, state, frozen = (setup.model, setup.labels, setup.tx, setup.state,
                                         setup.frozen)
     replicated = shd.replicated(mesh)
-    n_train, n_base = partition.count(state.trainable), partition.count(loaded.params)
+    n_train = partition.count(state.trainable, setup.layer_masks)
+    n_base = partition.count(loaded.params)
 
     # ---- Data iterator and checkpoint restore (a mismatched checkpoint stops the run here,
     # before anything in the workdir is written).

@@ -19,7 +19,8 @@ def tiny_with_prefix():
     loaded = models.load(configs.model_config("tiny"), seed=3)
     cfg = configs.prefix_config(length=4)
     module = prefix.build(cfg, loaded.config)
-    kv = module.apply({"params": prefix.init(module, jax.random.key(1))})
+    kv = prefix.compute(module, prefix.init(module, jax.random.key(1)),
+                        loaded.module, loaded.params)
     # Random tiny weights give flat logits; scale the prefix so it visibly changes them.
     return loaded, KV(kv.k * 3.0, kv.v * 3.0)
 

@@ -19,7 +19,8 @@ def _logits(loaded, kv, tokens):
 def test_length_zero_prefix_equals_base_model():
     loaded = models.load(configs.model_config("tiny"))
     module = prefix.build(configs.prefix_config(length=0), loaded.config)
-    kv = module.apply({"params": prefix.init(module, jax.random.key(0))})
+    kv = prefix.compute(module, prefix.init(module, jax.random.key(0)),
+                        loaded.module, loaded.params)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 9)))
     np.testing.assert_array_equal(_logits(loaded, kv, tokens), _logits(loaded, None, tokens))
 
@@ -38,7 +39,8 @@ def test_every_query_sees_the_prefix():
     """Changing one prefix value changes the logits of the first and the last position."""
     loaded = models.load(configs.model_config("tiny"))
     module = prefix.build(configs.prefix_config(length=3), loaded.config)
-    kv = module.apply({"params": prefix.init(module, jax.random.key(0))})
+    kv = prefix.compute(module, prefix.init(module, jax.random.key(0)),
+                        loaded.module, loaded.params)
     tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
     moved = kv._replace(v=kv.v.at[0, 0, 1].add(5.0))
     diff = np.abs(_logits(loaded, kv, tokens) - _logits(loaded, moved, tokens)).max(axis=-1)[0]
@@ -52,7 +54,8 @@ def test_text_init_prefix_acts_like_the_text_in_context():
     cfg = configs.prefix_config(length=5)
     cfg.init, cfg.init_text = "text", "ab"  # cycled to "ababa"
     module = prefix.build(cfg, loaded.config)
-    kv = module.apply({"params": prefix.init(module, jax.random.key(0), cfg, loaded)})
+    kv = prefix.compute(module, prefix.init(module, jax.random.key(0), cfg, loaded),
+                        loaded.module, loaded.params)
     text = loaded.tokenizer("ababa", add_special_tokens=False).input_ids
     rest = loaded.tokenizer(" then more", add_special_tokens=False).input_ids
     t = len(rest)

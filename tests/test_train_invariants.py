@@ -43,7 +43,7 @@ def test_target_position_loss_equals_full_logits_loss(tiny):
     setup = train.create_train_state(runlocal_config(), tiny)
     batch = tiny_batch(tiny.tokenizer)
     params = partition.merge(setup.state.trainable, setup.frozen)
-    kv = setup.model.prefix.apply({"params": params["prefix"]})
+    kv = setup.model.prefix_kv(params)
     full, _ = tiny.module.apply({"params": tiny.params}, batch["tokens"], batch["positions"],
                                 causal_mask(batch["segment_ids"], kv.k.shape[2]), prefix=kv)
     logp = jax.nn.log_softmax(full, axis=-1)

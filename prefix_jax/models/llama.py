@@ -105,15 +105,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     return out.reshape(b, t, h * d)
 
 
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale).astype(x.dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * scale).astype(x.dtype)
+        return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
 
 
 def _dense(features: int, name: str, dtype) -> nn.Dense:
@@ -127,10 +130,14 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, prefix: KV | None, cache: KV | None, cache_index):
+    def __call__(self, x, cos, sin, mask, prefix: KV | None, cache: KV | None, cache_index,
+                 key_mask: jax.Array | None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
+        self.sow("intermediates", "layer_input", x)
+        if key_mask is not None:  # this layer's extra mask over key slots (prefix layer subsets)
+            mask = mask & key_mask[None, None, :]
         h = RMSNorm(cfg.rms_eps, name="input_layernorm")(x)
         q = _dense(cfg.n_heads * cfg.head_dim, "q_proj", dtype)(h).reshape(b, t, cfg.n_heads, -1)
         k = _dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", dtype)(h).reshape(
@@ -188,9 +195,9 @@ class Llama(nn.Module):
                                      embedding_init=nn.initializers.normal(0.125))
         self.layers = nn.scan(
             layer,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "intermediates": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, 0),
             length=cfg.n_layers,
             unroll=self.unroll,
         )(cfg)
@@ -207,8 +214,16 @@ class Llama(nn.Module):
         cache: KV | None = None,
         cache_index: jax.Array | int = 0,
         return_hidden: bool = False,
+        key_mask: jax.Array | None = None,
+        embeddings: jax.Array | None = None,
     ) -> tuple[jax.Array, KV]:
         """tokens, positions `[B, T]`; mask `[B, T, S]`.
+
+        `key_mask` `[L, S]` (optional) further masks key slots per layer: a prefix that acts in
+        some layers only keeps its slots everywhere and hides them where it is off.
+        `embeddings` `[B, T, d]` (optional) replace the token embeddings (prompt tuning runs
+        trainable input embeddings through the model; `tokens` then only gives the shape).
+        Layer inputs are sown as `intermediates/layers/layer_input` `[L, B, T, d]`.
 
         Returns (logits `[B, T, V]`, or the final normed hidden states `[B, T, d]` when
         `return_hidden`, for callers that need logits at a few positions only) and the per-layer
@@ -226,9 +241,16 @@ class Llama(nn.Module):
             chex.assert_shape([prefix.k, prefix.v],
                               (cfg.n_layers, None, None, cfg.n_kv_heads, cfg.head_dim))
 
-        x = self.embed_tokens(tokens).astype(jnp.dtype(cfg.dtype))
+        if key_mask is not None:
+            chex.assert_shape(key_mask, (cfg.n_layers, n_keys))
+        if embeddings is None:
+            x = self.embed_tokens(tokens)
+        else:
+            chex.assert_shape(embeddings, (b, t, cfg.d_model))
+            x = embeddings
+        x = x.astype(jnp.dtype(cfg.dtype))
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
-        x, kv = self.layers(x, cos, sin, mask, prefix, cache, cache_index)
+        x, kv = self.layers(x, cos, sin, mask, prefix, cache, cache_index, key_mask)
         x = self.norm(x)
         if return_hidden:
             return x, kv
