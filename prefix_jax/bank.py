@@ -121,6 +121,33 @@ def load(workdirs: list[str]) -> Bank:
                 tuple(steps))
 
 
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One run's newest checkpoint with the modules that read it (for eject, layer_influence)."""
+
+    config: ml_collections.ConfigDict
+    base: models.LoadedModel  # with the run's trained base weights, if any
+    prefix_module: prefix.Prefix
+    prefix_params: dict
+    step: int
+    meta: dict  # the checkpoint's meta (base fingerprint, trainable shapes)
+
+
+def load_run(workdir: str) -> Run:
+    config = read_config(workdir)
+    base = models.load(config.model, seed=config.seed)
+    step, state, meta = checkpoint.load_latest_arrays(workdir)
+    checkpoint.check_compatible(meta, {"base_fingerprint": checkpoint.base_fingerprint(
+        base.params), "model_source": base.source, "trainable_shapes": meta.get(
+        "trainable_shapes")}, os.path.join(workdir, "checkpoints", str(step)))
+    trained_base = _trained_base_leaves(state["trainable"])
+    if trained_base:
+        base = dataclasses.replace(base, params=jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.asarray(trained_base.get(path, x)), base.params))
+    module = prefix.build(config.prefix, base.config, len(configs.task_dirs(config)))
+    return Run(config, base, module, state["trainable"]["prefix"], step, meta)
+
+
 def assignments(n_runs: int, rows: list[int]) -> np.ndarray:
     """Check per-prompt bank rows (0-based) against the bank size."""
     rows_array = np.asarray(rows, np.int32)

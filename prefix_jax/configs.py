@@ -106,7 +106,8 @@ def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
         mode="kv",  # 'kv': keys/values per layer; 'hidden': hidden states per layer, projected
         # by the layer's frozen norm and K/V; 'input': embeddings at the input (prompt tuning)
         length=length,  # number of prefix slots P (0 = the base model)
-        layers="all",  # kv/hidden: 'all', 'top:K', 'bottom:K' or a list like '0,3,-1'
+        layers="all",  # kv/hidden: 'all', 'top:K', 'bottom:K' (K layers or 'top:50%') or a
+        # list like '0,3,-1'
         placement="prefix",  # 'prefix', or 'infix': seen only by the queries that predict the
         # target (from the last source token on), not by the source (Li & Liang, Table 5)
         reparam="none",  # 'none' (direct parameters) or 'mlp' (embedding -> MLP -> prefix)

@@ -54,14 +54,18 @@ LOGICAL_AXES = (
 
 
 def parse_layers(spec: str, n_layers: int) -> tuple[int, ...]:
-    """`prefix.layers` -> sorted layer indices: 'all', 'top:K', 'bottom:K' or '0,3,-1'."""
+    """`prefix.layers` -> sorted layer indices: 'all', 'top:K', 'bottom:K' (K layers or K% of
+    them, at least one) or '0,3,-1'."""
     spec = str(spec).strip()
-    fix = (f"prefix.layers={spec!r}: use 'all', 'top:K', 'bottom:K' (1 <= K <= {n_layers}) or "
+    fix = (f"prefix.layers={spec!r}: use 'all', 'top:K', 'bottom:K' (1 <= K <= {n_layers}, or "
+           f"K% of the layers) or "
            f"a comma-separated list of layers in [-{n_layers}, {n_layers - 1}]")
     if spec == "all":
         return tuple(range(n_layers))
     where, _, count = spec.partition(":")
     if where in ("top", "bottom"):
+        if count.endswith("%") and count[:-1].isdigit() and 0 < int(count[:-1]) <= 100:
+            count = str(max(1, round(n_layers * int(count[:-1]) / 100)))  # depth as a fraction
         if not count.isdigit() or not 1 <= int(count) <= n_layers:
             raise UserError(fix)
         k = int(count)
@@ -193,10 +197,15 @@ def key_mask(prefix_layers: tuple[int, ...] | None, n_layers: int, n_prefix: int
     """`[L, n_keys]`: False on the first `n_prefix` key slots of layers without the prefix."""
     if prefix_layers is None:
         return None
-    mask = np.ones((n_layers, n_keys), bool)
-    off = [i for i in range(n_layers) if i not in prefix_layers]
-    mask[off, :n_prefix] = False
-    return jnp.asarray(mask)
+    on = np.zeros(n_layers, bool)
+    on[list(prefix_layers)] = True
+    return key_mask_from(jnp.asarray(on), n_prefix, n_keys)
+
+
+def key_mask_from(layer_on: jax.Array, n_prefix: int, n_keys: int) -> jax.Array:
+    """`key_mask` from a (possibly traced) `[L]` bool of the layers that keep the prefix."""
+    is_prefix_slot = jnp.arange(n_keys) < n_prefix
+    return layer_on[:, None] | ~is_prefix_slot[None, :]
 
 
 def _to_all_layers(x: jax.Array, module: Prefix) -> jax.Array:
@@ -226,6 +235,9 @@ def to_kv(module: Prefix, flat: dict, base_module, base_params: dict) -> KV:
     if module.mode == "hidden":
         return _project_hidden(flat["hidden"], module, cfg, base_params)
     p = module.length
+    if not p:  # the model cannot run on an empty input: no prompt, no keys/values
+        empty = jnp.zeros((cfg.n_layers, 1, 0, cfg.n_kv_heads, cfg.head_dim), cfg.dtype)
+        return KV(empty, empty)
     tokens = jnp.zeros((1, p), jnp.int32)
     _, kv = base_module.apply({"params": base_params}, tokens, jnp.arange(p)[None],
                               causal_mask(jnp.ones_like(tokens), 0),

@@ -64,8 +64,10 @@ class Model:
 
 
 def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
-                  dropout_rng: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer.
+                  dropout_rng: jax.Array | None = None,
+                  layer_on: jax.Array | None = None) -> jax.Array:
+    """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer (or,
+    with `layer_on` `[L]` bool, only where it is True: scripts/layer_influence.py).
 
     The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
     the loss reads it, not on the source and padding positions.
@@ -77,8 +79,11 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
         # the target (from the last source token, target_index[:, 0], on) do
         sees = jnp.arange(mask.shape[1])[None, :] >= batch["target_index"][:, :1]
         mask = mask.at[:, :, :n_prefix].set(mask[:, :, :n_prefix] & sees[:, :, None])
-    key_mask = prefix.key_mask(model.options.prefix_layers, model.prefix.n_layers, n_prefix,
-                               mask.shape[-1])
+    if layer_on is None:
+        key_mask = prefix.key_mask(model.options.prefix_layers, model.prefix.n_layers,
+                                   n_prefix, mask.shape[-1])
+    else:
+        key_mask = prefix.key_mask_from(layer_on, n_prefix, mask.shape[-1])
     hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
                                  batch["positions"] + model.options.position_offset, mask,
                                  prefix=kv, return_hidden=True, key_mask=key_mask)
@@ -86,14 +91,23 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
     return model.base.apply({"params": params["base"]}, hidden, method=Llama.logits)
 
 
-def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model,
-            dropout_rng: jax.Array | None = None):
-    """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
-    logits = target_logits(model, partition.merge(trainable, frozen), batch, dropout_rng)
+def target_loss_sum(model: Model, params: dict, batch: dict[str, jax.Array],
+                    dropout_rng: jax.Array | None = None,
+                    layer_on: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropies over the batch's target tokens, number of target tokens)."""
+    logits = target_logits(model, params, batch, dropout_rng, layer_on)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
                                                          batch["target_tokens"])
     weight = batch["target_weight"]
-    return (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    return (ce * weight).sum(), weight.sum()
+
+
+def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model,
+            dropout_rng: jax.Array | None = None):
+    """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
+    total, count = target_loss_sum(model, partition.merge(trainable, frozen), batch,
+                                   dropout_rng)
+    return total / jnp.maximum(count, 1.0)
 
 
 def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,

@@ -1,0 +1,88 @@
+r"""Eject the MLP of a reparameterized prefix: a new workdir whose checkpoint holds only the flat
+prefix the MLP computes (Li & Liang train through the MLP and serve its output).
+
+  python -m prefix_jax.eject --workdir runs/e2e_prefix_mlp --out runs/e2e_prefix_mlp_flat
+
+The new workdir has the run's config with `prefix.reparam='none'` (and no prefix dropout), the
+same step, the flat prefix as trainable state with a fresh optimizer state (a run resumed from
+it continues training the flat prefix), and the same data-iterator state. Generation, evaluation,
+export and banks read it like any run; the keys/values are those of the MLP run (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from prefix_jax import cli
+
+
+def eject_workdir(workdir: str, out: str) -> dict:
+    """Write the ejected run into `out` (absent or empty); returns a summary."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from prefix_jax import bank, checkpoint, partition, prefix, train
+    from prefix_jax.errors import UserError
+
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"--out={out} exists and is not an empty directory; pick a new path "
+                        "(nothing was written)")
+    config = bank.read_config(workdir)
+    if config.prefix.reparam != "mlp":
+        raise UserError(f"--workdir={workdir} has prefix.reparam={config.prefix.reparam!r}: "
+                        "its prefix is already flat, there is no MLP to eject")
+    run = bank.load_run(workdir)
+    config, loaded, step, meta = run.config, run.base, run.step, run.meta
+    _, flat = prefix.eject(run.prefix_module, run.prefix_params)
+
+    flat_config = config
+    flat_config.prefix.reparam = "none"
+    flat_config.prefix.dropout = 0.0
+    # The trainable tree of the flat run, as its own train loop builds it (so it resumes); its
+    # init values are replaced, so the cheapest init builds it.
+    structure_config = flat_config.copy_and_resolve_references()
+    structure_config.prefix.init = "random"
+    setup = train.create_train_state(structure_config, loaded)
+    trainable = dict(setup.state.trainable)
+    if partition.count(trainable.get("base", {})):
+        raise UserError(f"--workdir={workdir} also trains base weights; eject supports "
+                        "prefix-only runs")
+    trainable["prefix"] = jax.tree.map(lambda new, old: new.astype(old.dtype), flat,
+                                       dict(setup.state.trainable["prefix"]))
+    flat_state = train.TrainState(jax.numpy.asarray(step, jax.numpy.int32), trainable,
+                                  setup.tx.init(trainable))
+
+    source = os.path.join(os.path.abspath(workdir), "checkpoints")
+    data_state = ocp.CheckpointManager(source, item_names=("state", "data", "meta")).restore(
+        step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        f.write(flat_config.to_json_best_effort(indent=2))
+    mgr = checkpoint.manager(out, config.train.keep_checkpoints)
+    new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable))
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat_state),
+                                           data=ocp.args.JsonSave(data_state),
+                                           meta=ocp.args.JsonSave(new_meta)))
+    mgr.wait_until_finished()
+    n_mlp = partition.count(run.prefix_params)
+    n_flat = partition.count(flat)
+    summary = {"source": os.path.abspath(workdir), "step": step, "mlp_params": n_mlp,
+               "flat_params": n_flat}
+    with open(os.path.join(out, "eject.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def main() -> None:
+    parser = cli.Parser(prog="python -m prefix_jax.eject", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="a run with prefix.reparam='mlp'")
+    parser.add_argument("--out", required=True, help="new workdir for the flat prefix")
+    args = parser.parse_args()
+    summary = eject_workdir(args.workdir, args.out)
+    print(f"ejected step {summary['step']}: {summary['mlp_params']:,} MLP-prefix parameters -> "
+          f"{summary['flat_params']:,} flat prefix parameters in {args.out}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
