@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The E2E ablation on SmolLM2-135M at a CPU budget (docs/ablations.md): prefix length 1/5/10,
+# prompt tuning (input embeddings only), full fine-tuning; 150 steps of batch 8 each, greedy dev
+# BLEU on the first 100 dev MRs. Then the table and figures:
+#   python scripts/compare.py runs/ablation/* --out docs/ablations
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PY=${PY:-.venv/bin/python}
+ROOT=${ROOT:-runs/ablation}
+common=(--config.train.num_steps=150 --config.train.checkpoint_every=1000
+        --config.eval.num_examples=100 --config.eval.eval_untuned=False)
+run() {  # name config [overrides...]
+  local name=$1 config=$2; shift 2
+  [ -f "$ROOT/$name/results.json" ] && { echo "skip $name"; return; }
+  echo "== $name $(date +%T)"
+  "$PY" -m prefix_jax.main --config="$config" --workdir="$ROOT/$name" "${common[@]}" "$@"
+}
+run prefix_len10 experiments/e2e_smollm2.py:prefix_len=10 --config.eval.eval_untuned=True
+run prefix_len1 experiments/e2e_smollm2.py:prefix_len=1
+run prefix_len5 experiments/e2e_smollm2.py:prefix_len=5
+run prompt_len10 experiments/e2e_prompt.py:prefix_len=10
+run finetune experiments/e2e_finetune.py
