@@ -93,8 +93,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
         try:
             node[leaf] = value
         except TypeError:
-            raise UserError(f"{path}={value!r}: a {type(value).__name__}, but the field holds "
-                            f"a {type(node[leaf]).__name__}") from None
+            raise UserError(f"{path}={value!r}: the field's type is "
+                            f"{type(node[leaf]).__name__}, not {type(value).__name__}") from None
 
 
 def build_config(module: ModuleType, arg: str | None,
