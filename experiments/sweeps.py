@@ -6,7 +6,7 @@ Each dict is one run: its keys are dotted config paths (`"prefix.length"`, `"see
 values replace that field of `get_config(arg)`, exactly as `--config.prefix.length=5` would. The
 key `"name"` is not a config field: it names the entry's group ("length", "low_data", ...) so
 that `scripts/sweep.py --filter` can pick groups. An empty dict (besides "name") is the
-experiment's own config.
+experiment's own config. More in experiments/README.md.
 
     SWEEP = sweeps.lengths() + sweeps.low_data()
 """

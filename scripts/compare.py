@@ -85,6 +85,8 @@ def plot_against(plt, records, x_of, x_label: str, log_x: bool, path: str,
                 ax.plot(xs, ys, marker="o", label=name or None)
         if log_x:
             ax.set_xscale("log")
+        else:  # the swept values themselves (e.g. lengths 1, 5, 10, 20, 40)
+            ax.set_xticks(sorted({x for r in records if (x := x_of(r)) is not None}))
         ax.set_xlabel(x_label)
         ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
         ax.grid(alpha=0.3)

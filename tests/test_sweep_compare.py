@@ -263,3 +263,40 @@ def test_train_examples_subset_follows_subsample_seed_not_seed(monkeypatch, tmp_
             train.train_and_evaluate(config, str(tmp_path / f"{seed}_{subsample_seed}"))
     assert len(subsets[0]) == 8
     assert subsets[0] == subsets[1] != subsets[2]
+
+
+def test_run_record_best_final_throughput_and_checkpoint(tmp_path):
+    """The table's numbers from a hand-written workdir: best over every evaluation (min for
+    losses), the last write of a resumed step wins, tokens/s leaves out the compile interval,
+    the checkpoint is the newest step directory."""
+    from prefix_jax import compare
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "checkpoints" / "10" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
+    (run / "checkpoints" / "2" / "x").write_bytes(b"0" * 50)
+    (run / "checkpoints" / "10" / "state" / "y").write_bytes(b"0" * 700)
+    (run / "config.json").write_text('{"prefix": {"length": 5}, "seed": 0}')
+    rows = ['{"step": 5, "train/loss": 3.0, "train/tokens_per_sec": 10.0}',
+            '{"step": 5, "eval/bleu": 30.0, "eval/loss": 2.0}',
+            '{"step": 10, "train/loss": 2.5, "train/tokens_per_sec": 100.0}',
+            '{"step": 10, "train/loss": 2.0, "train/tokens_per_sec": 200.0}',  # resumed
+            '{"step": 10, "eval/bleu": 20.0, "eval/loss": 1.5}']
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    (run / "results.json").write_text('{"eval/bleu": 20.0, "eval/loss": 1.5, "step": 10}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"prefix": {"length": 10}, "seed": 0, "new": 1}')
+
+    record, unfinished = compare.read_runs([str(run), str(other)])
+    assert record.best("eval/bleu") == 30.0 and record.final("eval/bleu") == 20.0
+    assert record.best("eval/loss") == 1.5
+    assert record.series("train/loss") == [(5, 3.0), (10, 2.0)]
+    assert record.tokens_per_sec() == 200.0  # step 5's interval compiled the step
+    assert record.checkpoint_bytes == 700
+    assert compare.differing_fields([record, unfinished]) == ["new", "prefix.length"]
+    table = compare.table([record, unfinished])
+    assert "| run | new | prefix.length | trainable |" in table
+    assert "| run | — | 5 | — | — | 30.00 | 1.50 | 20.00 | 1.50 | 2.000 | 200 | 700 B |" in table
+    assert "Unfinished (no results.json): other." in table
