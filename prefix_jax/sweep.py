@@ -145,6 +145,10 @@ def expand(path: str, arg: str | None) -> list[Run]:
     Entries with the same overrides (e.g. listed in two groups) are one run. UserError names
     the first entry that does not build."""
     module = load_experiment(path)
+    try:
+        get_config(module, arg)  # a bad --arg is not any one entry's fault
+    except UserError as e:
+        raise UserError(f"{path} with --arg {arg!r}: {e}") from None
     runs: list[Run] = []
     seen: dict[str, Run] = {}
     for i, entry in enumerate(entries(module, path)):

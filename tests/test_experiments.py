@@ -74,7 +74,7 @@ def compile_cache(tmp_path_factory):
 def test_every_experiment_with_a_sweep_is_found():
     names = [os.path.basename(p) for p in experiment_files()]
     assert "e2e_smollm2.py" in names
-    assert len(sweep_entries()) >= 45  # e2e_smollm2: 5 lengths + 40 low-data runs
+    assert any("e2e_smollm2[" in p.id for p in sweep_entries())
 
 
 def field(tree, key: str):

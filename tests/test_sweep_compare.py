@@ -121,6 +121,20 @@ def test_a_bad_entry_is_rejected_before_anything_runs(tmp_path, capsys, entry, m
     assert not (tmp_path / "root").exists()  # the good entry 0 did not run either
 
 
+def test_a_bad_arg_or_file_is_one_error_line(tmp_path, capsys):
+    status, _, err = run_script("sweep.py", E2E, "--arg", "nosuch", "--root", tmp_path,
+                                capsys=capsys)
+    assert status == 2 and err.startswith(f"error: {E2E} with --arg 'nosuch': config arg "
+                                          "'nosuch' is not one of")
+    status, _, err = run_script("sweep.py", tmp_path / "none.py", "--root", tmp_path,
+                                capsys=capsys)
+    assert status == 2 and "none.py: not an experiment file" in err
+    path = tmp_path / "nosweep.py"
+    path.write_text("def get_config(arg=None):\n    return None\n")
+    status, _, err = run_script("sweep.py", path, "--root", tmp_path, capsys=capsys)
+    assert status == 2 and "nosweep.py: has no SWEEP list" in err
+
+
 def test_pod_lines_one_launch_per_run(tmp_path, capsys):
     status, out, _ = run_script("sweep.py", os.path.relpath(E2E), "--arg", "runlocal",
                                 "--filter", "length", "--tpu", "pod1", "--zone", "zone-a",
