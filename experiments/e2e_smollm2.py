@@ -5,18 +5,28 @@ Launch (the demo runs this):
 Smoke run on a tiny random model (tests, CI):
   python -m prefix_jax.main --config=experiments/e2e_smollm2.py:runlocal --workdir=/tmp/e2e_tiny
 
+Every ablation of SWEEP, one run each, then the table and figures:
+  python scripts/sweep.py experiments/e2e_smollm2.py --root runs/sweeps --filter length
+  python scripts/compare.py runs/sweeps/e2e_smollm2/* --out runs/sweeps/e2e_smollm2_length
+
 Expected: see README.md (dev BLEU of the untuned and the tuned model on 200 dev MRs, greedy).
 """
 
 import ml_collections
 
+from experiments import sweeps
 from prefix_jax import configs
+
+# Ablations (scripts/sweep.py runs them, one workdir each; see experiments/sweeps.py):
+# prefix length 1..40, depth, init, and the low-data protocol (50..500 examples x 5 subsets x
+# 2 seeds).
+SWEEP = sweeps.lengths() + sweeps.depths() + sweeps.inits() + sweeps.low_data()
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     arg = configs.parse_arg(arg, runlocal=False, prefix_len=10)
     config = ml_collections.ConfigDict()
-    config.seed = 0  # prefix init and data order
+    config.seed = 0  # prefix init and batch order (not the train_examples subset)
     config.model = configs.model_config("smollm2")
     config.prefix = configs.prefix_config(arg.prefix_len)
     config.prefix.init = "text"  # activations of "table-to-text:" (starts near the base's loss)
@@ -27,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         extra_dirs="",  # more E2E-format task dirs, comma-separated: one prefix per task
         max_len=128,  # longest source+target in tokens; longer training rows are an error
         train_examples=0,  # use only the first N shuffled training pairs; 0 = all
+        subsample_seed=0,  # which random N pairs train_examples takes (apart from seed)
         bucket_multiple=16,  # batches are padded to a multiple of this (bounds recompiles)
     ))
     config.optim = configs.optim_config(lr=2e-2)
@@ -39,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg.runlocal:
         config.model.path = "tiny"
         config.prefix.init = "random"
-        config.data.max_len = 384  # the tiny model's tokenizer is byte-level
+        config.data.max_len = 480  # byte-level tokenizer: every E2E training pair fits (<= 459)
         config.data.train_examples = 256
         config.train.num_steps = 30
         config.train.batch_size = 4

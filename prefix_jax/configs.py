@@ -221,6 +221,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
+    _check(is_int(d.get("subsample_seed", 0)) and d.get("subsample_seed", 0) >= 0,
+           f"data.subsample_seed={d.get('subsample_seed')!r}: must be an integer >= 0")
     m = config.model
     for name in ("dtype", "param_dtype"):
         _check(m[name] in ("float32", "bfloat16"),

@@ -341,7 +341,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_data = []
     for task, (pairs, data_dir) in enumerate(zip(train_pairs, dirs)):
         if config.data.train_examples:
-            order = np.random.default_rng(config.seed).permutation(len(pairs))
+            # the subset has its own seed, so that low-data runs can vary it apart from the
+            # init/order seed (5 subsamples x 2 seeds); absent from configs before sweeps
+            subsample_seed = config.data.get("subsample_seed", 0)
+            order = np.random.default_rng(subsample_seed).permutation(len(pairs))
             pairs = [pairs[i] for i in order[:config.data.train_examples]]
         train_data += pipeline.tokenize_pairs(pairs, loaded.tokenizer, config.data.max_len,
                                               os.path.join(data_dir, "trainset.csv"), task)

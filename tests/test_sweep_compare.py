@@ -1,0 +1,316 @@
+"""scripts/sweep.py (expand, validate, dry run, pod lines, run, skip) and scripts/compare.py
+(table and figures) on a real two-run sweep of the tiny model; data.subsample_seed."""
+
+from __future__ import annotations
+
+import os
+import re
+import runpy
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from prefix_jax import train
+from tests.helpers import runlocal_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+E2E = os.path.join(REPO, "experiments", "e2e_smollm2.py")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# A tiny experiment: the runlocal config, 4 steps, dev eval (2 MRs) at step 2 and at the end,
+# one batch shape (one compile per run). Its SWEEP: a run that fails (no data), then two
+# prefix lengths.
+TINY_EXPERIMENT = '''
+from experiments import e2e_smollm2
+
+SWEEP = [{"name": "broken", "data.dir": "/nonexistent/e2e"},
+         {"name": "length", "prefix.length": 1},
+         {"name": "length", "prefix.length": 4}]
+
+
+def get_config(arg=None):
+    config = e2e_smollm2.get_config("runlocal")
+    with config.unlocked():
+        config.train.num_steps = 4
+        config.train.log_every = 1
+        config.train.eval_every = 2
+        config.train.checkpoint_every = 4
+        config.data.train_examples = 16
+        config.data.bucket_multiple = config.data.max_len
+        config.eval.num_examples = 2
+        config.eval.max_new_tokens = 4
+        config.eval.num_samples = 0
+        config.eval.eval_untuned = False
+    return config
+'''
+
+
+def run_script(name: str, *args, capsys) -> tuple[int, str, str]:
+    """A script in this process: (exit status, stdout, stderr)."""
+    old_argv = sys.argv
+    sys.argv = [name, *map(str, args)]
+    try:
+        runpy.run_path(os.path.join(REPO, "scripts", name), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = old_argv
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def experiment(tmp_path, sweep: str, name: str = "exp") -> str:
+    path = tmp_path / f"{name}.py"
+    path.write_text(textwrap.dedent(f'''
+        from experiments import e2e_smollm2
+
+        SWEEP = {sweep}
+
+
+        def get_config(arg=None):
+            return e2e_smollm2.get_config("runlocal")
+        '''))
+    return str(path)
+
+
+def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys):
+    root = tmp_path / "root"
+    status, out, _ = run_script("sweep.py", E2E, "--root", root, "--dry_run", capsys=capsys)
+    assert status == 0
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    assert len(commands) == 45  # 5 prefix lengths + 50/100/200/500 x 5 subsets x 2 seeds
+    workdirs = []
+    for argv in commands:
+        assert argv[1:4] == ["-m", "prefix_jax.main", f"--config={E2E}"]
+        assert argv[4].startswith(f"--workdir={root}/e2e_smollm2/")
+        workdirs.append(argv[4])
+    assert len(set(workdirs)) == 45
+    assert commands[1][4:] == [f"--workdir={root}/e2e_smollm2/prefix.length=5",
+                               "--config.prefix.length=5"]
+    assert commands[-1][4:] == [
+        f"--workdir={root}/e2e_smollm2/data.train_examples=500,data.subsample_seed=4,seed=1",
+        "--config.data.train_examples=500", "--config.data.subsample_seed=4",
+        "--config.seed=1"]
+    assert not root.exists()
+
+    status, out, _ = run_script("sweep.py", E2E, "--arg", "runlocal", "--root", root,
+                                "--dry_run", "--filter", "^length$", capsys=capsys)
+    commands = [line for line in out.splitlines() if not line.startswith("#")]
+    assert status == 0 and len(commands) == 5
+    assert all(f"--config={E2E}:runlocal --workdir={root}/e2e_smollm2-runlocal/prefix.length="
+               in c for c in commands)
+
+
+@pytest.mark.parametrize("entry,message", [
+    ('{"prefix.lenght": 5}', r"unknown config field 'prefix\.lenght'"),
+    ('{"optim.learning_rate": 0.1}', r"unknown config field 'optim\.learning_rate'"),
+    ('{"prefix.length": "5"}', r"prefix\.length='5': the field's type is int, not str"),
+    ('{"prefix.length": -1}', r"prefix\.length=-1: must be an integer >= 0"),
+    ('{"name": "length", "train.batch_size": 0}', r"train\.batch_size=0: must be"),
+])
+def test_a_bad_entry_is_rejected_before_anything_runs(tmp_path, capsys, entry, message):
+    path = experiment(tmp_path, f'[{{"prefix.length": 2}}, {entry}]')
+    status, out, err = run_script("sweep.py", path, "--root", tmp_path / "root", capsys=capsys)
+    assert status == 2 and not out
+    assert len(err.strip().splitlines()) == 1
+    assert re.match(rf"error: {re.escape(path)} SWEEP entry 1 .*{message}", err), err
+    assert not (tmp_path / "root").exists()  # the good entry 0 did not run either
+
+
+def test_a_bad_arg_or_file_is_one_error_line(tmp_path, capsys):
+    status, _, err = run_script("sweep.py", E2E, "--arg", "nosuch", "--root", tmp_path,
+                                capsys=capsys)
+    assert status == 2 and err.startswith(f"error: {E2E} with --arg 'nosuch': config arg "
+                                          "'nosuch' is not one of")
+    status, _, err = run_script("sweep.py", tmp_path / "none.py", "--root", tmp_path,
+                                capsys=capsys)
+    assert status == 2 and "none.py: not an experiment file" in err
+    path = tmp_path / "nosweep.py"
+    path.write_text("def get_config(arg=None):\n    return None\n")
+    status, _, err = run_script("sweep.py", path, "--root", tmp_path, capsys=capsys)
+    assert status == 2 and "nosweep.py: has no SWEEP list" in err
+
+
+def test_pod_lines_one_launch_per_run(tmp_path, capsys):
+    status, out, _ = run_script("sweep.py", os.path.relpath(E2E), "--arg", "runlocal",
+                                "--filter", "length", "--tpu", "pod1", "--zone", "zone-a",
+                                "--bucket", "gs://bkt/sweeps", capsys=capsys)
+    assert status == 0
+    launches = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    assert len(launches) == 5
+    assert launches[0][0].endswith("scripts/launch_tpu_pod.sh")
+    assert launches[0][1:] == [
+        "--tpu", "pod1", "--zone", "zone-a", "--bucket", "gs://bkt/sweeps/e2e_smollm2-runlocal",
+        "--config", "experiments/e2e_smollm2.py:runlocal", "--run", "prefix.length=1", "--",
+        "--config.prefix.length=1"]
+    # The launcher accepts the line: its own dry run shows the run's workdir in the bucket.
+    argv = launches[0]
+    cut = argv.index("--")
+    r = subprocess.run(["bash", *argv[:cut], "--dry_run", *argv[cut:]], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert ("--workdir=$HOME/bucket/sweeps/e2e_smollm2-runlocal/prefix.length=1 "
+            "--config.prefix.length=1") in r.stdout
+    status, _, err = run_script("sweep.py", E2E, "--tpu", "pod1", "--bucket", "gs://b",
+                                capsys=capsys)
+    assert status == 2 and "--tpu needs --zone" in err
+
+
+def run_sweep(*args, cache: str) -> subprocess.CompletedProcess:
+    # The runs share a persistent compilation cache (the tiny model's eager init ops and the
+    # decoding steps are the same programs in both): ~3 s less CPU for the second run.
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), *args],
+                          capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """The tiny experiment's sweep, run for real (each run its own `prefix_jax.main`)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    path = tmp / "tiny.py"
+    path.write_text(TINY_EXPERIMENT)
+    root, cache = tmp / "root", str(tmp / "jax_cache")
+    return path, root, cache, run_sweep(str(path), "--root", str(root), cache=cache)
+
+
+def test_sweep_runs_every_entry_past_a_failure_and_resumes(swept):
+    path, root, cache, first = swept
+    assert first.returncode == 1, first.stderr  # one run failed
+    assert "error: data.dir=/nonexistent/e2e" in first.stderr
+    summary = first.stdout.strip().splitlines()[-1]
+    assert summary.startswith("sweep tiny: 2 done, 0 skipped, 1 failed of 3 under")
+    runs = root / "tiny"
+    done = [runs / "prefix.length=1", runs / "prefix.length=4"]
+    assert sorted(p.name for p in runs.iterdir()) == [d.name for d in done]
+    stamps = [os.path.getmtime(d / "results.json") for d in done]
+
+    again = run_sweep(str(path), "--root", str(root), "--filter", "length", cache=cache)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.count("skipped (results.json exists)") == 2
+    assert again.stdout.strip().splitlines()[-1].startswith(
+        "sweep tiny: 0 done, 2 skipped, 0 failed of 2")
+    assert [os.path.getmtime(d / "results.json") for d in done] == stamps
+
+
+def test_compare_writes_the_table_and_figures(swept, tmp_path, capsys):
+    _, root, _, _ = swept
+    runs = [root / "tiny" / "prefix.length=1", root / "tiny" / "prefix.length=4"]
+    out = tmp_path / "cmp"
+    status, _, err = run_script("compare.py", *runs, "--out", out, capsys=capsys)
+    assert status == 0, err
+    table = (out / "table.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    # Only the differing config field, then the results.
+    assert header[:4] == ["run", "prefix.length", "trainable", "trainable %"]
+    for column in ("best eval/bleu", "final eval/bleu", "best eval/rouge_l", "train tokens/s",
+                   "checkpoint", "final train/loss"):
+        assert column in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:4]]
+    assert [r[:2] for r in rows] == [["prefix.length=1", "1"], ["prefix.length=4", "4"]]
+    # trainable = length x layers x 2 (k, v) x kv heads x head_dim: 4 times as many at P=4
+    trainable = [int(r[2].replace(",", "")) for r in rows]
+    assert trainable[1] == 4 * trainable[0] > 0
+    for r in rows:
+        cells = dict(zip(header, r))
+        assert float(cells["best eval/bleu"]) >= float(cells["final eval/bleu"])
+        assert float(cells["train tokens/s"]) > 0
+        assert cells["checkpoint"].endswith("KiB")
+    for name in ("loss_curves", "metric_vs_prefix_length", "metric_vs_trainable_params"):
+        data = (out / f"{name}.png").read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+
+
+def test_compare_names_a_bad_workdir_and_writes_nothing(swept, tmp_path, capsys):
+    _, root, _, _ = swept
+    good = root / "tiny" / "prefix.length=1"
+    out = tmp_path / "cmp"
+    status, _, err = run_script("compare.py", good, tmp_path / "nope", "--out", out,
+                                capsys=capsys)
+    assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert "nope: not a directory" in err
+    (tmp_path / "empty").mkdir()
+    status, _, err = run_script("compare.py", good, tmp_path / "empty", "--out", out,
+                                capsys=capsys)
+    assert status == 2 and "empty/config.json: missing" in err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
+    status, _, err = run_script("compare.py", good, broken, "--out", out, capsys=capsys)
+    assert status == 2 and "broken/metrics.jsonl: unreadable" in err
+    assert not out.exists()
+
+
+def test_train_examples_subset_follows_subsample_seed_not_seed(monkeypatch, tmp_path):
+    """The low-data protocol varies the subset (data.subsample_seed) apart from the
+    init/order seed: the training rows are those of the subsample seed only."""
+    class CapturedError(Exception):
+        pass
+
+    subsets = []
+
+    def capture(pairs, *args, **kwargs):
+        subsets.append([(p.source, p.target) for p in pairs])
+        raise CapturedError
+
+    monkeypatch.setattr(train.pipeline, "tokenize_pairs", capture)
+    # The tiny model's init takes seconds and does not matter here: load it once.
+    loaded = []
+    real_load = train.models.load
+
+    def load_once(*args, **kwargs):
+        if not loaded:
+            loaded.append(real_load(*args, **kwargs))
+        return loaded[0]
+
+    monkeypatch.setattr(train.models, "load", load_once)
+    for seed, subsample_seed in ((0, 0), (1, 0), (0, 1)):
+        config = runlocal_config(data__train_examples=8, seed=seed,
+                                 data__subsample_seed=subsample_seed)
+        with pytest.raises(CapturedError):
+            train.train_and_evaluate(config, str(tmp_path / f"{seed}_{subsample_seed}"))
+    assert len(subsets[0]) == 8
+    assert subsets[0] == subsets[1] != subsets[2]
+
+
+def test_run_record_best_final_throughput_and_checkpoint(tmp_path):
+    """The table's numbers from a hand-written workdir: best over every evaluation (min for
+    losses), the last write of a resumed step wins, tokens/s leaves out the compile interval,
+    the checkpoint is the newest step directory."""
+    from prefix_jax import compare
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "2").mkdir(parents=True)
+    (run / "checkpoints" / "10" / "state").mkdir(parents=True)
+    (run / "checkpoints" / "12.orbax-checkpoint-tmp-1").mkdir()  # an unfinished save
+    (run / "checkpoints" / "2" / "x").write_bytes(b"0" * 50)
+    (run / "checkpoints" / "10" / "state" / "y").write_bytes(b"0" * 700)
+    (run / "config.json").write_text('{"prefix": {"length": 5}, "seed": 0}')
+    rows = ['{"step": 5, "train/loss": 3.0, "train/tokens_per_sec": 10.0}',
+            '{"step": 5, "eval/bleu": 30.0, "eval/loss": 2.0}',
+            '{"step": 10, "train/loss": 2.5, "train/tokens_per_sec": 100.0}',
+            '{"step": 10, "train/loss": 2.0, "train/tokens_per_sec": 200.0}',  # resumed
+            '{"step": 10, "eval/bleu": 20.0, "eval/loss": 1.5}']
+    (run / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    (run / "results.json").write_text('{"eval/bleu": 20.0, "eval/loss": 1.5, "step": 10}')
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"prefix": {"length": 10}, "seed": 0, "new": 1}')
+
+    record, unfinished = compare.read_runs([str(run), str(other)])
+    assert record.best("eval/bleu") == 30.0 and record.final("eval/bleu") == 20.0
+    assert record.best("eval/loss") == 1.5
+    assert record.series("train/loss") == [(5, 3.0), (10, 2.0)]
+    assert record.tokens_per_sec() == 200.0  # step 5's interval compiled the step
+    assert record.checkpoint_bytes == 700
+    assert compare.differing_fields([record, unfinished]) == ["new", "prefix.length"]
+    table = compare.table([record, unfinished])
+    assert "| run | new | prefix.length | trainable |" in table
+    assert "| run | — | 5 | — | — | 30.00 | 1.50 | 20.00 | 1.50 | 2.000 | 200 | 700 B |" in table
+    assert "Unfinished (no results.json): other." in table
