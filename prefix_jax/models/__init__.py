@@ -102,11 +102,9 @@ def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
 def _load(path: str, dtype: str, seed: int) -> LoadedModel:
     if path in TINY_CONFIGS:
         cfg = tiny_config(path, dtype)
-        module = Llama(cfg)
-        # Created on the host CPU: the same numpy arrays as a loaded file, placed the same way.
-        with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            params = jax.tree.map(np.asarray, init_params(module, jax.random.key(seed)))
-        return LoadedModel(cfg, module, params, byte_tokenizer(), f"{path}(seed={seed})")
+        # New containers around the cached arrays: placement replaces leaves in the dict.
+        params = jax.tree.map(lambda x: x, _tiny_params(path, dtype, seed))
+        return LoadedModel(cfg, Llama(cfg), params, byte_tokenizer(), f"{path}(seed={seed})")
 
     given = path
     if path == "smollm2":
@@ -143,10 +141,22 @@ def _load(path: str, dtype: str, seed: int) -> LoadedModel:
                     "'tiny', a .gguf file or an HF model directory")
 
 
+@functools.lru_cache(maxsize=8)
+def _tiny_params(name: str, dtype: str, seed: int) -> dict:
+    """A tiny model's random params as read-only host numpy arrays (the same numpy arrays as a
+    loaded file, placed the same way); cached, since tests load them many times."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        params = jax.tree.map(np.asarray, init_params(Llama(tiny_config(name, dtype)),
+                                                      jax.random.key(seed)))
+    for leaf in jax.tree.leaves(params):
+        leaf.flags.writeable = False
+    return params
+
+
 def init_params(module: Llama, rng: jax.Array) -> dict:
     """Random params for `module` (the shapes do not depend on the dummy input's length)."""
     from prefix_jax.models.llama import causal_mask
 
     tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = module.init(rng, tokens, tokens, causal_mask(jnp.ones_like(tokens), 0))
-    return variables["params"]
+    init = jax.jit(module.init)  # one compiled program instead of hundreds of eager ops
+    return init(rng, tokens, tokens, causal_mask(jnp.ones_like(tokens), 0))["params"]
