@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prefix_jax import checkpoint, configs, models, prefix
+from prefix_jax import checkpoint, configs, models, positions, prefix
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV
 
@@ -113,7 +113,7 @@ def load(workdirs: list[str]) -> Bank:
         params = jax.tree_util.tree_map_with_path(
             lambda path, x: jnp.asarray(trained_base.get(path, x)), base.params)
         base = dataclasses.replace(base, params=params)
-    offset = first.prefix.length if first.prefix.positions == "after_prefix" else 0
+    offset = positions.offset(first.prefix, base.config)
     return Bank(base, KV(jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1)),
                 offset, tuple(run_configs), tuple(steps))
 

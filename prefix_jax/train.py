@@ -31,6 +31,8 @@ from prefix_jax import (
     models,
     optim,
     partition,
+    peft_format,
+    positions,
     preemption,
     prefix,
 )
@@ -38,6 +40,7 @@ from prefix_jax import sharding as shd
 from prefix_jax.data import e2e, pipeline
 from prefix_jax.errors import UserError
 from prefix_jax.metric_writer import MetricWriter
+from prefix_jax.models import gpt2
 from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
 
 
@@ -70,7 +73,7 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array]) -> ja
                                  batch["positions"] + model.position_offset, mask, prefix=kv,
                                  return_hidden=True)
     hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
-    return model.base.apply({"params": params["base"]}, hidden, method=Llama.logits)
+    return model.base.apply({"params": params["base"]}, hidden, method="logits")
 
 
 def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model):
@@ -148,7 +151,7 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     return {f"test/{k}": v for k, v in scores.items()}
 
 
-_BASE_AXES = shd.regex_axes(LOGICAL_AXES)
+_BASE_AXES = shd.regex_axes(LOGICAL_AXES + gpt2.LOGICAL_AXES)  # disjoint parameter names
 _PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
 
 
@@ -188,12 +191,14 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     params = {"base": loaded.params,
               "prefix": prefix.init(prefix_module, jax.random.key(config.seed), config.prefix,
                                     loaded)}
+    if config.prefix.get("init_from_peft"):  # absent from configs older than PEFT interop
+        params["prefix"] = peft_format.prefix_params(config.prefix, loaded.config, params["prefix"])
     labels = partition.labels(params, config.trainable)
     trainable, frozen = partition.split(params, labels)
     if partition.count(trainable) == 0:
         raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
                         "'prefix/key' or 'base/layers/q_proj/kernel'")
-    offset = config.prefix.length if config.prefix.positions == "after_prefix" else 0
+    offset = positions.offset(config.prefix, loaded.config)
     tx = optim.make(config.optim, config.train.num_steps, labels)
     model = Model(loaded.module, prefix_module, offset)
 
@@ -299,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dev_sets = [(s[:config.eval.num_examples], r[:config.eval.num_examples]) for s, r in dev_sets]
     dev_sources = dev_sets[0][0]
     loaded = models.load(config.model, seed=config.seed)
-    if config.data.max_len > loaded.config.max_seq_len:
+    if config.data.max_len + positions.offset(config.prefix, loaded.config) > \
+            loaded.config.max_seq_len:
         raise UserError(f"data.max_len={config.data.max_len} exceeds the model's maximum "
                         f"sequence length {loaded.config.max_seq_len}; lower data.max_len")
     train_data = []
