@@ -58,7 +58,7 @@ def _hf_cache(prefix: KV):
 
 
 def test_loader_gives_gpt2(pair):
-    hf, loaded = pair
+    _, loaded = pair
     assert isinstance(loaded.module, gpt2.GPT2)
     cfg = loaded.config
     assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff) == (3, 4, 4, 16, 96)
