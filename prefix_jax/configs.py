@@ -179,6 +179,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"prefix.positions={p.positions!r}: must be one of {positions.CHOICES}")
     _check(isinstance(p.get("init_from_peft", ""), str),
            f"prefix.init_from_peft={p.get('init_from_peft')!r}: must be a PEFT adapter dir")
+    if p.get("init_from_peft"):
+        from prefix_jax import peft_format
+
+        peft_format.check_config(p)
     _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")
     for name in ("num_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
         value = t[name]

@@ -20,13 +20,13 @@ from prefix_jax import cli
 def export(workdir: str, out: str, task: int | None = None) -> str:
     """Write the adapter of `workdir`'s newest checkpoint (task `task` of a multi-task run) into
     `out`; returns a one-line summary."""
-    from prefix_jax import bank, configs, partition, peft_format, positions
     from prefix_jax.errors import UserError
 
-    if os.path.isdir(out) and os.listdir(out):
+    if os.path.isdir(out) and os.listdir(out):  # checked before the (slow) imports
         raise UserError(f"--out={out} exists and is not empty; give a new directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out={out} is a file; give a new directory")
+    from prefix_jax import bank, configs, partition, peft_format, positions
     config = bank.read_config(workdir)
     n_tasks = len(configs.task_dirs(config))
     if n_tasks > 1 and task is None:

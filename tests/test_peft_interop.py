@@ -4,6 +4,10 @@ tiny GQA Llama, a tiny GPT-2 and the real SmolLM2. The torch models hold OUR wei
 (`params_to_hf`), so any difference is the prefix's layout or its positions."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +23,7 @@ from prefix_jax.models.llama import KV, causal_mask
 from tests.helpers import runlocal_config
 
 P = 5
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_from_ours(loaded: models.LoadedModel) -> transformers.PreTrainedModel:
@@ -148,6 +153,51 @@ def test_peft_made_adapter_loads_via_init_from_peft(name, tmp_path):
     tokens, segments = padded_batch(loaded.config.vocab_size, seed=1)
     got = ours_logits(loaded, kv, setup.model.position_offset, tokens, segments)
     assert_same(got, peft_logits(model, tokens, segments), segments)
+
+
+def _edited_run(workdir, tmp_path, **prefix_or_data):
+    """A copy of `workdir` whose config.json has some prefix/data fields changed."""
+    copy = tmp_path / "edited"
+    shutil.copytree(workdir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    for key, value in prefix_or_data.items():
+        section, field = key.split("__")
+        config[section][field] = value
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+EXPORT_REFUSALS = {
+    # name -> (workdir(run, tmp), out(tmp), text the one error line must contain)
+    "out-not-empty": (lambda w, t: w, lambda t: _nonempty(t), "not empty"),
+    "positions-zero": (lambda w, t: _edited_run(w, t, prefix__positions="zero"),
+                       lambda t: t / "out", "positions=after_prefix"),
+    "multi-task-without-task": (
+        lambda w, t: _edited_run(w, t, data__extra_dirs=str(w)), lambda t: t / "out", "--task"),
+    "not-a-run": (lambda w, t: t, lambda t: t / "out", "no config.json"),
+}
+
+
+def _nonempty(tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "notes.txt").write_text("keep me")
+    return tmp / "out"
+
+
+@pytest.mark.parametrize("trained_run", ["tiny"], indirect=True)
+@pytest.mark.parametrize("case", sorted(EXPORT_REFUSALS))
+def test_export_refusals(trained_run, tmp_path, case):
+    """`python -m prefix_jax.export` mistakes: one `error:` line, exit 2, nothing written."""
+    make_workdir, make_out, named = EXPORT_REFUSALS[case]
+    workdir, out = make_workdir(trained_run[1], tmp_path), make_out(tmp_path)
+    before = sorted(os.listdir(out)) if out.exists() else None
+    result = subprocess.run([sys.executable, "-m", "prefix_jax.export", f"--workdir={workdir}",
+                             f"--out={out}"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=REPO)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and named in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert (sorted(os.listdir(out)) if out.exists() else None) == before
 
 
 def _max_error(a, b, segments) -> float:
