@@ -43,14 +43,20 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
                         "(prefix.mode='kv')")
     if config.prefix.length == 0:
         raise UserError(f"--workdir={workdir} has prefix.length=0: there is no prefix to export")
+
+    def check_positions(used: str) -> None:
+        if used != "after_prefix":
+            raise UserError(
+                f"--workdir={workdir} was trained with prefix.positions="
+                f"{config.prefix.positions!r} ({used}: real tokens from position 0), but PEFT "
+                "numbers them from P; queries carry their position (RoPE / learned embeddings), "
+                "so this adapter would give different outputs in PEFT. Retrain with "
+                "--config.prefix.positions=after_prefix")
+
+    if config.prefix.positions != "auto":  # known without loading the model
+        check_positions(config.prefix.positions)
     loaded = bank.load([workdir])
-    used = positions.resolve(config.prefix.positions, loaded.base.config)
-    if used != "after_prefix":
-        raise UserError(
-            f"--workdir={workdir} was trained with prefix.positions={config.prefix.positions!r} "
-            f"({used}: real tokens from position 0), but PEFT numbers them from P; queries carry "
-            "their position (RoPE / learned embeddings), so this adapter would give different "
-            "outputs in PEFT. Retrain with --config.prefix.positions=after_prefix")
+    check_positions(positions.resolve(config.prefix.positions, loaded.base.config))
     label_tree = partition.labels({"base": loaded.base.params}, config.trainable)
     if partition.trainable_paths(label_tree):
         raise UserError(f"--workdir={workdir} also trained base weights (trainable="

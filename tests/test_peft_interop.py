@@ -170,8 +170,9 @@ def _edited_run(workdir, tmp_path, **prefix_or_data):
 EXPORT_REFUSALS = {
     # name -> (workdir(run, tmp), out(tmp), text the one error line must contain)
     "out-not-empty": (lambda w, t: w, lambda t: _nonempty(t), "not empty"),
-    "positions-zero": (lambda w, t: _edited_run(w, t, prefix__positions="zero"),
-                       lambda t: t / "out", "positions=after_prefix"),
+    # the default on a Llama: 'auto' resolves to 'zero' (found once the model is loaded)
+    "positions-auto-on-llama": (lambda w, t: _edited_run(w, t, prefix__positions="auto"),
+                                lambda t: t / "out", "positions=after_prefix"),
     "multi-task-without-task": (
         lambda w, t: _edited_run(w, t, data__extra_dirs=str(w)), lambda t: t / "out", "--task"),
     "not-a-run": (lambda w, t: t, lambda t: t / "out", "no config.json"),
