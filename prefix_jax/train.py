@@ -304,10 +304,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dev_sets = [(s[:config.eval.num_examples], r[:config.eval.num_examples]) for s, r in dev_sets]
     dev_sources = dev_sets[0][0]
     loaded = models.load(config.model, seed=config.seed)
-    if config.data.max_len + positions.offset(config.prefix, loaded.config) > \
-            loaded.config.max_seq_len:
-        raise UserError(f"data.max_len={config.data.max_len} exceeds the model's maximum "
-                        f"sequence length {loaded.config.max_seq_len}; lower data.max_len")
+    first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
+    if first_position + config.data.max_len > loaded.config.max_seq_len:
+        raise UserError(f"data.max_len={config.data.max_len} (starting at position "
+                        f"{first_position}) exceeds the model's maximum sequence length "
+                        f"{loaded.config.max_seq_len}; lower data.max_len")
     train_data = []
     for task, (pairs, data_dir) in enumerate(zip(train_pairs, dirs)):
         if config.data.train_examples:

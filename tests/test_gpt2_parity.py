@@ -21,13 +21,16 @@ def hf_tiny_gpt2(seed: int = 0) -> transformers.GPT2LMHeadModel:
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_inner=96,
                                   n_positions=64, layer_norm_epsilon=1e-5)
     model = transformers.GPT2LMHeadModel(cfg).eval()
-    # HF initializes LayerNorms to (1, 0) and biases to 0; random values make the check see them.
+    # HF initializes LayerNorms to (1, 0), biases to 0 and weights with std 0.02 (a near-constant
+    # next-token choice); random values of a larger scale make every check see every parameter.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0.0, 0.1)
             elif ".ln_" in name:
                 p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.3 if "wte" in name or "wpe" in name else 0.1)
     return model
 
 
