@@ -117,7 +117,7 @@ def load(workdirs: list[str]) -> Bank:
                           base.module, base.params) for c, p in zip(run_configs, prefix_params)]
     return Bank(base, KV(jnp.concatenate([kv.k for kv in kvs], axis=1),
                          jnp.concatenate([kv.v for kv in kvs], axis=1)),
-                prefix.decode_options(first.prefix, base.config.n_layers), tuple(run_configs),
+                prefix.decode_options(first.prefix, base.config), tuple(run_configs),
                 tuple(steps))
 
 

@@ -10,6 +10,7 @@ import os
 
 import ml_collections
 
+from prefix_jax import positions
 from prefix_jax.errors import UserError
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,11 @@ def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
         init_std=1.0,  # std of the random init (PEFT's nn.Embedding default is 1.0)
         init_text="table-to-text:",  # init='text': words whose activations start the prefix
         init_fit_steps=300,  # reparam='mlp' with init 'text'/'vocab': Adam steps fitting the MLP
-        positions="zero",  # real tokens start at 0 ('zero') or at P ('after_prefix', as HF/PEFT)
+        positions="auto",  # real tokens start at 0 ('zero') or at P ('after_prefix', as HF/PEFT,
+        # needed to export to / load from PEFT); 'auto': after_prefix for GPT-2 (learned
+        # positions), zero for Llama (see positions.py)
+        init_from_peft="",  # a PEFT prefix-tuning adapter dir to start from (overrides init;
+        # needs mode kv and after_prefix positions), e.g. to evaluate a PEFT-trained adapter
     ))
 
 
@@ -181,8 +186,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     p, t, o, e, d = config.prefix, config.train, config.optim, config.eval, config.data
     _check(is_int(p.length) and p.length >= 0,
            f"prefix.length={p.length!r}: must be an integer >= 0 (e.g. --config.prefix.length=10)")
-    _check(p.positions in ("zero", "after_prefix"),
-           f"prefix.positions={p.positions!r}: must be 'zero' or 'after_prefix'")
+    _check(p.positions in positions.CHOICES,
+           f"prefix.positions={p.positions!r}: must be one of {positions.CHOICES}")
+    _check(isinstance(p.get("init_from_peft", ""), str),
+           f"prefix.init_from_peft={p.get('init_from_peft')!r}: must be a PEFT adapter dir")
+    if p.get("init_from_peft"):
+        from prefix_jax import peft_format
+
+        peft_format.check_config(p)
     _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")
     for name, allowed in (("mode", ("kv", "hidden", "input")), ("placement", ("prefix", "infix")),
                           ("reparam", ("none", "mlp")),

@@ -113,7 +113,7 @@ def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
     key_mask = prefix_lib.key_mask(settings.prefix_layers, cfg.n_layers, n_prefix, n_slots)
     hidden, kv = module.apply({"params": params}, tokens, positions, mask, cache=kv,
                               cache_index=n_prefix, return_hidden=True, key_mask=key_mask)
-    logits = module.apply({"params": params}, hidden[:, -1], method=Llama.logits)
+    logits = module.apply({"params": params}, hidden[:, -1], method="logits")
     return logits.astype(jnp.float32), _Cache(kv, slot_valid, jnp.int32(n_prefix + t),
                                               positions[:, -1] + 1, key_mask)
 

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from prefix_jax import positions
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV, Llama, apply_rope, causal_mask, rms_norm, rope_angles
 
@@ -158,9 +159,10 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg, num_prefixes: int = 
     if mode == "input" and prefix_cfg.layers != "all":
         raise UserError("prefix.mode='input' (prompt tuning) enters at the input only; "
                         "leave prefix.layers='all'")
-    if mode == "input" and prefix_cfg.positions != "after_prefix":
+    if mode == "input" and positions.resolve(prefix_cfg.positions, model_cfg,
+                                             mode) != "after_prefix":
         raise UserError("prefix.mode='input' is prompt tuning: real tokens follow the prompt, "
-                        "so set prefix.positions='after_prefix'")
+                        "so set prefix.positions='after_prefix' (or 'auto')")
     if num_prefixes > 1 and (mode != "kv" or prefix_cfg.reparam != "none"):
         raise UserError("several tasks (data.extra_dirs) need prefix.mode='kv' and "
                         "prefix.reparam='none'")
@@ -184,10 +186,11 @@ class DecodeOptions:
         return dataclasses.asdict(self)
 
 
-def decode_options(prefix_cfg: ml_collections.ConfigDict, n_layers: int) -> DecodeOptions:
+def decode_options(prefix_cfg: ml_collections.ConfigDict, model_cfg) -> DecodeOptions:
+    n_layers = model_cfg.n_layers
     layers = parse_layers(prefix_cfg.get("layers", "all"), n_layers)
     return DecodeOptions(
-        position_offset=prefix_cfg.length if prefix_cfg.positions == "after_prefix" else 0,
+        position_offset=positions.offset(prefix_cfg, model_cfg),
         prefix_layers=None if len(layers) == n_layers else layers,
         infix=prefix_cfg.get("placement", "prefix") == "infix")
 

@@ -31,6 +31,8 @@ from prefix_jax import (
     models,
     optim,
     partition,
+    peft_format,
+    positions,
     preemption,
     prefix,
 )
@@ -38,6 +40,7 @@ from prefix_jax import sharding as shd
 from prefix_jax.data import e2e, pipeline
 from prefix_jax.errors import UserError
 from prefix_jax.metric_writer import MetricWriter
+from prefix_jax.models import gpt2
 from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
 
 
@@ -88,7 +91,7 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
                                  batch["positions"] + model.options.position_offset, mask,
                                  prefix=kv, return_hidden=True, key_mask=key_mask)
     hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
-    return model.base.apply({"params": params["base"]}, hidden, method=Llama.logits)
+    return model.base.apply({"params": params["base"]}, hidden, method="logits")
 
 
 def target_loss_sum(model: Model, params: dict, batch: dict[str, jax.Array],
@@ -180,7 +183,7 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     return {f"test/{k}": v for k, v in scores.items()}
 
 
-_BASE_AXES = shd.regex_axes(LOGICAL_AXES)
+_BASE_AXES = shd.regex_axes(LOGICAL_AXES + gpt2.LOGICAL_AXES)  # disjoint parameter names
 _PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
 
 
@@ -221,6 +224,8 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     params = {"base": loaded.params,
               "prefix": prefix.init(prefix_module, jax.random.key(config.seed), config.prefix,
                                     loaded)}
+    if config.prefix.get("init_from_peft"):  # absent from configs older than PEFT interop
+        params["prefix"] = peft_format.prefix_params(config.prefix, loaded.config, params["prefix"])
     labels = partition.labels(params, config.trainable)
     trainable, frozen = partition.split(params, labels)
     if partition.count(trainable) == 0:
@@ -230,7 +235,7 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
     layer_masks = partition.layer_masks(params, config.trainable)
     tx = optim.make(config.optim, config.train.num_steps, labels, layer_masks)
     model = Model(loaded.module, prefix_module,
-                  prefix.decode_options(config.prefix, loaded.config.n_layers), config.seed)
+                  prefix.decode_options(config.prefix, loaded.config), config.seed)
 
     def fresh_state(trainable):
         return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
@@ -335,9 +340,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dev_sets = [(s[:config.eval.num_examples], r[:config.eval.num_examples]) for s, r in dev_sets]
     dev_sources = dev_sets[0][0]
     loaded = models.load(config.model, seed=config.seed)
-    if config.data.max_len > loaded.config.max_seq_len:
-        raise UserError(f"data.max_len={config.data.max_len} exceeds the model's maximum "
-                        f"sequence length {loaded.config.max_seq_len}; lower data.max_len")
+    first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
+    if first_position + config.data.max_len > loaded.config.max_seq_len:
+        raise UserError(f"data.max_len={config.data.max_len} (starting at position "
+                        f"{first_position}) exceeds the model's maximum sequence length "
+                        f"{loaded.config.max_seq_len}; lower data.max_len")
     train_data = []
     for task, (pairs, data_dir) in enumerate(zip(train_pairs, dirs)):
         if config.data.train_examples:

@@ -41,7 +41,7 @@ def measure(workdir: str, limit: int, batch_size: int) -> dict:
     if not run.prefix_module.length:
         raise UserError(f"--workdir={workdir} has no prefix (prefix.length=0)")
     n_layers = base.config.n_layers
-    options = prefix.decode_options(config.prefix, n_layers)
+    options = prefix.decode_options(config.prefix, base.config)
     model = train.Model(base.module, run.prefix_module, options)
     params = {"base": base.params, "prefix": run.prefix_params}
     trained = options.prefix_layers or tuple(range(n_layers))

