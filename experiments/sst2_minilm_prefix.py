@@ -51,8 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     if arg.runlocal:
         config.model.path = "tiny-bert"
-        config.data.max_len = 256  # the tiny model's tokenizer is byte-level
-        config.data.bucket_multiple = 32
+        config.data.max_len = 64  # bytes here (byte-level tokenizer): truncated sentences
+        config.data.bucket_multiple = 64  # one batch shape: one compile
         config.data.train_examples = 64
         config.train.num_steps = 3
         config.train.batch_size = 8
