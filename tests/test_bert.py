@@ -109,6 +109,7 @@ def test_prefix_matches_transformers_cache(tmp_path, positions):
     assert np.abs(_real(without - got, mask)).max() > 1e-2  # the prefix is really seen
 
 
+@pytest.mark.real_model
 def test_real_minilm_matches_transformers():
     """all-MiniLM-L6-v2 from its PyPI package: last hidden states and the mean-pooled sentence
     embedding equal transformers' BertModel on SST-2 dev sentences."""
