@@ -357,7 +357,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         """Dev scores of every task (task k > 0 as `task{k}_bleu`, ...), each with its prefix."""
         if task_def.evaluate is not None:  # e.g. classification accuracy (tasks.py)
             return task_def.evaluate(model, partition.merge(state.trainable, frozen),
-                                 loaded.tokenizer, with_prefix)
+                                     loaded.tokenizer, with_prefix)
         results = {}
         for task, (sources, refs) in enumerate(dev_sets):
             if not sources:
