@@ -194,7 +194,12 @@ def test_sst2_task_needs_an_encoder(tmp_path):
     from experiments import sst2_minilm_prefix
     from prefix_jax import train
 
+    data = tmp_path / "sst2"
+    data.mkdir()
+    for split in ("train", "dev"):
+        (data / f"{split}.tsv").write_text("sentence\tlabel\n" + "a fine film\t1\n" * 8)
     config = sst2_minilm_prefix.get_config("runlocal").unlock()
     config.model.path = "tiny"
+    config.data.dir = str(data)
     with pytest.raises(UserError, match="needs a bert model"):
         train.train_and_evaluate(config, str(tmp_path / "w"))
