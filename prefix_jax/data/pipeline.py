@@ -123,11 +123,13 @@ class BatchPlan:
 
 def train_iterator(examples: list[Tokenized], batch_size: int, seed: int, bucket_multiple: int,
                    pad_id: int, num_batches: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
+                   process_count: int = 1, collate_fn=collate, widths_fn=padded_lengths
+                   ) -> grain.DatasetIterator:
     """A checkpointable iterator over `num_batches` batches of this process's rows.
 
     Each process takes its contiguous slice of every global batch, so the union over processes
-    is the same global batch whatever the number of hosts.
+    is the same global batch whatever the number of hosts. Other tasks' examples (anything with
+    `tokens`) bring their own `collate_fn` and `widths_fn` (see `collate`, `padded_lengths`).
     """
     if batch_size % process_count:
         raise UserError(f"train.batch_size={batch_size} is not divisible by the "
@@ -138,8 +140,8 @@ def train_iterator(examples: list[Tokenized], batch_size: int, seed: int, bucket
 
     def make_batch(i: int) -> dict[str, np.ndarray]:
         ids = plan(int(i))
-        widths = padded_lengths([examples[j] for j in ids], bucket_multiple)
-        return collate([examples[j] for j in ids[rows]], bucket_multiple, pad_id, widths)
+        widths = widths_fn([examples[j] for j in ids], bucket_multiple)
+        return collate_fn([examples[j] for j in ids[rows]], bucket_multiple, pad_id, widths)
 
     dataset = grain.MapDataset.range(num_batches).map(make_batch)
     return iter(dataset.to_iter_dataset())

