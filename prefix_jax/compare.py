@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from typing import Any
 
 from prefix_jax.errors import UserError
@@ -146,11 +147,14 @@ def read_runs(workdirs: list[str]) -> list[RunRecord]:
     return records
 
 
-def differing_fields(records: list[RunRecord]) -> list[str]:
-    """Config paths whose value is not the same in every run (absent counts as a value)."""
+def differing_fields(records: list[RunRecord], ignore: str = "") -> list[str]:
+    """Config paths whose value is not the same in every run (absent counts as a value), less
+    those matching the regex `ignore` (e.g. fields that only differ because runs were made by
+    different versions of the code)."""
     keys = sorted({k for r in records for k in r.config})
     return [k for k in keys
-            if len({json.dumps(r.config.get(k, MISSING), sort_keys=True) for r in records}) > 1]
+            if len({json.dumps(r.config.get(k, MISSING), sort_keys=True) for r in records}) > 1
+            and not (ignore and re.search(ignore, k))]
 
 
 def describe(record: RunRecord, fields: list[str]) -> str:
@@ -182,12 +186,12 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|")
 
 
-def table(records: list[RunRecord]) -> str:
-    """The markdown table: one row per run."""
-    fields = differing_fields(records)
+def table(records: list[RunRecord], ignore: str = "") -> str:
+    """The markdown table: one row per run (config fields matching `ignore` left out)."""
+    fields = differing_fields(records, ignore)
     metrics = sorted({m for r in records for m in r.eval_metrics()})
     tests = sorted({k for r in records for k in (r.results or {}) if k.startswith("test/")})
-    header = (["run", *fields, "trainable", "trainable %"]
+    header = (["run", *fields, "trainable params", "trainable %"]
               + [f"best {m}" for m in metrics] + [f"final {m}" for m in metrics] + tests
               + ["final train/loss", "train tokens/s", "checkpoint"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

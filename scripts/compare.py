@@ -18,6 +18,7 @@ A workdir that is missing, has no config.json, or holds an unreadable file is an
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -125,18 +126,25 @@ def main() -> None:
     parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training run workdirs")
     parser.add_argument("--out", required=True, metavar="DIR", help="where the table and "
                         "figures go (created; files of an earlier compare are replaced)")
+    parser.add_argument("--ignore", default="", metavar="REGEX",
+                        help="config fields to leave out of the table and legends (e.g. fields "
+                        "that differ only because the runs came from different code versions)")
     args = parser.parse_args()
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         cli.fail(f"--out {args.out} is a file; give a directory")
+    try:
+        re.compile(args.ignore)
+    except re.error as e:
+        cli.fail(f"--ignore={args.ignore!r} is not a valid regex ({e})")
 
     from prefix_jax import compare
 
     records = compare.read_runs(args.workdirs)  # every run read before anything is written
-    fields = compare.differing_fields(records)
+    fields = compare.differing_fields(records, args.ignore)
     os.makedirs(args.out, exist_ok=True)
     table_path = os.path.join(args.out, "table.md")
     with open(table_path, "w", encoding="utf-8") as f:
-        f.write(compare.table(records))
+        f.write(compare.table(records, args.ignore))
     print(f"wrote {table_path}")
 
     import matplotlib

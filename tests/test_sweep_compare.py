@@ -207,7 +207,7 @@ def test_compare_writes_the_table_and_figures(swept, tmp_path, capsys):
     table = (out / "table.md").read_text().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     # Only the differing config field, then the results.
-    assert header[:4] == ["run", "prefix.length", "trainable", "trainable %"]
+    assert header[:4] == ["run", "prefix.length", "trainable params", "trainable %"]
     for column in ("best eval/bleu", "final eval/bleu", "best eval/rouge_l", "train tokens/s",
                    "checkpoint", "final train/loss"):
         assert column in header
@@ -311,6 +311,6 @@ def test_run_record_best_final_throughput_and_checkpoint(tmp_path):
     assert record.checkpoint_bytes == 700
     assert compare.differing_fields([record, unfinished]) == ["new", "prefix.length"]
     table = compare.table([record, unfinished])
-    assert "| run | new | prefix.length | trainable |" in table
+    assert "| run | new | prefix.length | trainable params |" in table
     assert "| run | — | 5 | — | — | 30.00 | 1.50 | 20.00 | 1.50 | 2.000 | 200 | 700 B |" in table
     assert "Unfinished (no results.json): other." in table
