@@ -1,4 +1,9 @@
-"""Small builders shared by tests (configs and batches on the tiny random model)."""
+"""Small builders shared by tests (configs and batches on the tiny random model, scripts run
+in this process)."""
+
+import os
+import runpy
+import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -52,3 +57,21 @@ def tiny_batch(tokenizer, n: int = 4, bucket: int = 16) -> dict:
     pairs = e2e.read_pairs(E2E_DIR, "dev")[:n]
     data = pipeline.tokenize_pairs(pairs, tokenizer, 512, "dev")
     return {k: jnp.asarray(v) for k, v in pipeline.collate(data, bucket, 2).items()}
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name: str, *args, capsys) -> tuple[int, str, str]:
+    """scripts/`name` in this process (no second JAX start-up): (exit status, stdout, stderr)."""
+    old_argv = sys.argv
+    sys.argv = [name, *map(str, args)]
+    try:
+        runpy.run_path(os.path.join(REPO, "scripts", name), run_name="__main__")
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    finally:
+        sys.argv = old_argv
+    out = capsys.readouterr()
+    return status, out.out, out.err

@@ -2,14 +2,12 @@
 
 import json
 import os
-import runpy
-import sys
 
 import pytest
 
 from prefix_jax import metrics, train
 from prefix_jax.data import e2e
-from tests.helpers import E2E_DIR, runlocal_config
+from tests.helpers import E2E_DIR, run_script, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MRS = ["name[Aromi], eatType[pub]", "name[The Eagle], food[French]", "name[Zizzi]"]
@@ -28,20 +26,6 @@ def two_runs(tmp_path_factory):
     return workdirs
 
 
-def run_script(name, *args, capsys=None):
-    """A script in this process (no second JAX start-up): (exit status, stderr)."""
-    old_argv = sys.argv
-    sys.argv = [name, *map(str, args)]
-    try:
-        runpy.run_path(os.path.join(REPO, "scripts", name), run_name="__main__")
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = old_argv
-    return status, capsys.readouterr().err if capsys else ""
-
-
 def lines(path):
     with open(path, encoding="utf-8") as f:
         return f.read().splitlines()
@@ -55,9 +39,9 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     common = ["--max_new_tokens", 6, "--batch_size", 2]
     outputs = {}
     for name, workdir in (("a", a), ("b", b)):
-        status, _ = run_script("generate.py", "--workdir", workdir, "--input",
-                               tmp_path / "mrs.txt", "--output", tmp_path / f"{name}.txt",
-                               *common, capsys=capsys)
+        status, _, _ = run_script("generate.py", "--workdir", workdir, "--input",
+                                  tmp_path / "mrs.txt", "--output", tmp_path / f"{name}.txt",
+                                  *common, capsys=capsys)
         assert status == 0
         outputs[name] = lines(tmp_path / f"{name}.txt")
         assert len(outputs[name]) == len(MRS)
@@ -66,9 +50,9 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     # A bank of both runs, rows interleaved and sharing batches: each line as its run alone.
     rows = [1, 0, 1]
     (tmp_path / "mixed.txt").write_text("".join(f"{r}\t{m}\n" for r, m in zip(rows, MRS)))
-    status, _ = run_script("generate.py", "--workdir", a, "--workdir", b, "--input",
-                           tmp_path / "mixed.txt", "--output", tmp_path / "mixed_out.txt",
-                           *common, capsys=capsys)
+    status, _, _ = run_script("generate.py", "--workdir", a, "--workdir", b, "--input",
+                              tmp_path / "mixed.txt", "--output", tmp_path / "mixed_out.txt",
+                              *common, capsys=capsys)
     assert status == 0
     assert lines(tmp_path / "mixed_out.txt") == [outputs["ab"[r]][i] for i, r in enumerate(rows)]
 
@@ -100,7 +84,7 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(two_runs, tmp_path, c
     a, b = two_runs
     (tmp_path / "in.txt").write_text(content)
     flags = [b if f == "B" else f for f in flags]
-    status, err = run_script("generate.py", "--workdir", a, "--input", tmp_path / "in.txt",
+    status, _, err = run_script("generate.py", "--workdir", a, "--input", tmp_path / "in.txt",
                              "--output", tmp_path / "out.txt", *flags, capsys=capsys)
     assert status == 2
     assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
@@ -109,8 +93,8 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(two_runs, tmp_path, c
 
 def test_evaluate_writes_scores_and_predictions(two_runs, capsys):
     a, _ = two_runs
-    status, _ = run_script("evaluate.py", "--workdir", a, "--split", "dev", "--limit", 3,
-                           "--num_beams", 2, "--max_new_tokens", 5, capsys=capsys)
+    status, _, _ = run_script("evaluate.py", "--workdir", a, "--split", "dev", "--limit", 3,
+                              "--num_beams", 2, "--max_new_tokens", 5, capsys=capsys)
     assert status == 0
     with open(os.path.join(a, "eval_dev.json")) as f:
         result = json.load(f)
@@ -121,7 +105,7 @@ def test_evaluate_writes_scores_and_predictions(two_runs, capsys):
     # A 2-step tiny random model writes byte soup: near-zero scores on every metric.
     assert all(v < 5 for v in result["scores"].values())
     assert len(lines(os.path.join(a, "predictions_dev.txt"))) == 3
-    status, err = run_script("evaluate.py", "--workdir", a, "--split", "train", capsys=capsys)
+    status, _, err = run_script("evaluate.py", "--workdir", a, "--split", "train", capsys=capsys)
     assert status == 2 and err.startswith("error: ") and "--split" in err
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import runpy
 import shlex
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import textwrap
 import pytest
 
 from prefix_jax import train
-from tests.helpers import runlocal_config
+from tests.helpers import run_script, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E2E = os.path.join(REPO, "experiments", "e2e_smollm2.py")
@@ -46,21 +45,6 @@ def get_config(arg=None):
         config.eval.eval_untuned = False
     return config
 '''
-
-
-def run_script(name: str, *args, capsys) -> tuple[int, str, str]:
-    """A script in this process: (exit status, stdout, stderr)."""
-    old_argv = sys.argv
-    sys.argv = [name, *map(str, args)]
-    try:
-        runpy.run_path(os.path.join(REPO, "scripts", name), run_name="__main__")
-        status = 0
-    except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = old_argv
-    out = capsys.readouterr()
-    return status, out.out, out.err
 
 
 def experiment(tmp_path, sweep: str, name: str = "exp") -> str:

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prefix_jax.models.llama import KV, REMAT_POLICIES, attend
+from prefix_jax.models.llama import KV, REMAT_POLICIES, attend, prepend_prefix
 
 POOLINGS = ("cls", "mean")
 
@@ -101,12 +101,7 @@ class EncoderLayer(nn.Module):
         q = _dense(cfg.n_heads * cfg.head_dim, "query", dtype)(x).reshape(heads)
         k = _dense(cfg.n_heads * cfg.head_dim, "key", dtype)(x).reshape(heads)
         v = _dense(cfg.n_heads * cfg.head_dim, "value", dtype)(x).reshape(heads)
-        if prefix is not None:
-            # A prefix shared by the batch arrives with B=1 (see llama.DecoderLayer).
-            pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
-            pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
-            k = jnp.concatenate([pk, k], axis=1)
-            v = jnp.concatenate([pv, v], axis=1)
+        k, v = prepend_prefix(prefix, k, v)
         attn = _dense(cfg.d_model, "attention_out", dtype)(attend(q, k, v, mask))
         x = nn.LayerNorm(cfg.ln_eps, dtype=dtype, name="attention_norm")(x + attn)
         h = nn.gelu(_dense(cfg.d_ff, "intermediate", dtype)(x), approximate=False)

@@ -21,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prefix_jax.models.llama import KV, REMAT_POLICIES, attend
+from prefix_jax.models.llama import KV, REMAT_POLICIES, attend, layer_keys_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +110,7 @@ class GPT2Block(nn.Module):
         qkv = _dense(3 * d, "c_attn", dtype)(h)
         q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim) for y in jnp.split(qkv, 3, -1))
 
-        if cache is not None:
-            keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
-                                                       cache_index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
-                                                         cache_index, axis=1)
-            new_kv = KV(keys, values)
-        else:
-            keys, values = k, v
-            new_kv = KV(k, v)
-            if prefix is not None:
-                # A shared prefix arrives with B=1 and is broadcast here (see llama.DecoderLayer).
-                pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
-                pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
-                keys = jnp.concatenate([pk, k], axis=1)
-                values = jnp.concatenate([pv, v], axis=1)
-
+        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
         attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
         x = x + _dense(d, "attn_proj", dtype)(attn).astype(x.dtype)
 

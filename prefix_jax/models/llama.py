@@ -111,6 +111,34 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (normed * scale).astype(x.dtype)
 
 
+def prepend_prefix(prefix: KV | None, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's keys and values `[B, T, K, D]` with the prefix's `[B | 1, P, K, D]` in front.
+
+    A prefix shared by the batch arrives with B=1; broadcasting it here keeps the trainable
+    array small and lets rows carry their own prefixes when B matches."""
+    if prefix is None:
+        return k, v
+    b = k.shape[0]
+    pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
+    pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
+    return jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+
+
+def layer_keys_values(k: jax.Array, v: jax.Array, prefix: KV | None, cache: KV | None,
+                      cache_index) -> tuple[jax.Array, jax.Array, KV]:
+    """(keys, values) a decoder layer attends over, and the K/V it returns: with a cache, this
+    call's `k`, `v` written at `cache_index` (the prefix is already in its first slots);
+    without one, `concat(prefix, k/v)` and this sequence's own K/V."""
+    if cache is not None:
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                   cache_index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                     cache_index, axis=1)
+        return keys, values, KV(keys, values)
+    keys, values = prepend_prefix(prefix, k, v)
+    return keys, values, KV(k, v)
+
+
 class RMSNorm(nn.Module):
     eps: float
 
@@ -146,23 +174,7 @@ class DecoderLayer(nn.Module):
             b, t, cfg.n_kv_heads, -1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None:
-            keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
-                                                       cache_index, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
-                                                         cache_index, axis=1)
-            new_kv = KV(keys, values)
-        else:
-            keys, values = k, v
-            new_kv = KV(k, v)
-            if prefix is not None:
-                # A prefix shared by the batch arrives with B=1; broadcasting it here keeps the
-                # trainable array small and lets rows carry their own prefixes when B matches.
-                pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
-                pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
-                keys = jnp.concatenate([pk, k], axis=1)
-                values = jnp.concatenate([pv, v], axis=1)
-
+        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
         attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
         x = x + _dense(cfg.d_model, "o_proj", dtype)(attn).astype(x.dtype)
 
