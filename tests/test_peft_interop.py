@@ -96,16 +96,21 @@ def peft_prompt_kv(model) -> KV:
     return KV(k, v)
 
 
-@pytest.fixture(scope="module", params=["tiny", "tiny-gpt2"])
+@pytest.fixture(scope="module", params=["tiny", "tiny-gpt2", "tiny-hidden-mlp"])
 def trained_run(request, tmp_path_factory):
     """A 2-step training run (the smoke run of the train loop for GPT-2), positions as PEFT's:
-    'auto' for GPT-2 (resolving to after_prefix), set explicitly for the Llama."""
+    'auto' for GPT-2 (resolving to after_prefix), set explicitly for the Llama. The third is a
+    Llama with hidden-state prefixes through an MLP: what it exports is the keys/values they
+    compute, which PEFT must reproduce as well."""
     workdir = tmp_path_factory.mktemp("run")
-    overrides = dict(model__path=request.param, train__num_steps=2, prefix__length=P,
+    model_path = "tiny" if request.param == "tiny-hidden-mlp" else request.param
+    overrides = dict(model__path=model_path, train__num_steps=2, prefix__length=P,
                      data__train_examples=16, eval__num_examples=2, eval__max_new_tokens=4,
                      eval__eval_untuned=False)
-    if request.param == "tiny":  # the Llama train loop and its decoding are tested elsewhere
+    if model_path == "tiny":  # the Llama train loop and its decoding are tested elsewhere
         overrides.update(prefix__positions="after_prefix", eval__num_examples=0)
+    if request.param == "tiny-hidden-mlp":
+        overrides.update(prefix__mode="hidden", prefix__reparam="mlp", prefix__mlp_hidden=16)
     train.train_and_evaluate(runlocal_config(**overrides), str(workdir))
     return request.param, workdir
 
