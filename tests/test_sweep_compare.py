@@ -66,13 +66,14 @@ def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys)
     status, out, _ = run_script("sweep.py", E2E, "--root", root, "--dry_run", capsys=capsys)
     assert status == 0
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
-    assert len(commands) == 45  # 5 prefix lengths + 50/100/200/500 x 5 subsets x 2 seeds
+    # 5 prefix lengths + 4 depths + 3 inits + 50/100/200/500 x 5 subsets x 2 seeds
+    assert len(commands) == 5 + 4 + 3 + 40
     workdirs = []
     for argv in commands:
         assert argv[1:4] == ["-m", "prefix_jax.main", f"--config={E2E}"]
         assert argv[4].startswith(f"--workdir={root}/e2e_smollm2/")
         workdirs.append(argv[4])
-    assert len(set(workdirs)) == 45
+    assert len(set(workdirs)) == len(commands)
     assert commands[1][4:] == [f"--workdir={root}/e2e_smollm2/prefix.length=5",
                                "--config.prefix.length=5"]
     assert commands[-1][4:] == [

@@ -89,7 +89,7 @@ def pad_id(tokenizer) -> int:
 
 def tiny_config(name: str = "tiny", dtype: str = "float32", **overrides) -> LlamaConfig:
     fields = dict(vocab_size=len(byte_tokenizer()), d_model=64, n_layers=2, head_dim=16, d_ff=128,
-                  rope_theta=10_000.0, tie_embeddings=True, max_seq_len=512, dtype=dtype)
+                  rope_theta=10_000.0, tie_embeddings=True, max_seq_len=1024, dtype=dtype)
     fields.update(TINY_CONFIGS[name])
     fields.update(overrides)
     return LlamaConfig(**fields)
