@@ -211,3 +211,34 @@ def test_prefix_dropout_trains_and_evaluates_deterministically(tiny):
     step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx))
     _, metrics = step(setup.state, setup.frozen, tiny_batch(tiny.tokenizer))
     assert np.isfinite(float(metrics["train/loss"]))
+
+
+@pytest.mark.parametrize("overrides", [dict(prefix__placement="infix"),
+                                       dict(prefix__layers="top:1"),
+                                       dict(prefix__mode="input", prefix__init="vocab")],
+                         ids=["infix", "top-layer", "prompt"])
+def test_cached_greedy_decoding_equals_the_train_path(tiny, overrides):
+    """The decoder's masks (infix, per-layer, prompt positions) are the training masks: each
+    greedy token is the argmax of the train path's logits on the decoded sequence, and the
+    decoder's summed log-probability is the train path's."""
+    from prefix_jax import decoding
+    from prefix_jax.data import e2e
+
+    setup = train.create_train_state(runlocal_config(prefix__length=3, **overrides), tiny)
+    params = partition.merge(setup.state.trainable, setup.frozen)
+    params = {**params, "prefix": jax.tree.map(lambda x: x * 3.0, params["prefix"])}
+    ids = tiny.tokenizer(e2e.format_source("name[Alimentum], area[city centre]"),
+                         add_special_tokens=False).input_ids
+    settings = decoding.DecodeSettings(max_new_tokens=6, **setup.model.options.as_kwargs())
+    tokens, valid = decoding.left_pad([ids], 0)
+    out = decoding.decode(tiny.module, params["base"], setup.model.prefix_kv(params),
+                          jnp.asarray(tokens), jnp.asarray(valid), settings)
+    generated = [int(x) for x in np.asarray(out.tokens)[0]]
+    seq, n = ids + generated, len(ids)
+    batch = {"tokens": jnp.asarray([seq]), "positions": jnp.arange(len(seq))[None],
+             "segment_ids": jnp.ones((1, len(seq)), jnp.int32),
+             "target_index": jnp.arange(n - 1, len(seq) - 1)[None]}
+    logits = np.asarray(train.target_logits(setup.model, params, batch))[0]
+    assert list(logits.argmax(-1)) == generated
+    log_probs = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(generated)), generated]
+    np.testing.assert_allclose(float(out.scores[0]), float(log_probs.sum()), atol=1e-4)

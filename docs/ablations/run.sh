@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The E2E ablation on SmolLM2-135M at a CPU budget (docs/ablations.md): prefix length 1/5/10,
-# prompt tuning (input embeddings only), full fine-tuning; 150 steps of batch 8 each, greedy dev
-# BLEU on the first 100 dev MRs. Then the table and figures:
+# prompt tuning (input embeddings only), full fine-tuning, infix, prefix + MLP; 150 steps of
+# batch 8 each, greedy dev BLEU on the first 100 dev MRs. Then the table and figures:
 #   python scripts/compare.py runs/ablation/* --out docs/ablations
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,3 +20,5 @@ run prefix_len1 experiments/e2e_smollm2.py:prefix_len=1
 run prefix_len5 experiments/e2e_smollm2.py:prefix_len=5
 run prompt_len10 experiments/e2e_prompt.py:prefix_len=10
 run finetune experiments/e2e_finetune.py
+run infix_len10 experiments/e2e_infix.py:prefix_len=10
+run prefix_mlp_len10 experiments/e2e_prefix_mlp.py:prefix_len=10
