@@ -33,10 +33,10 @@ def eject_workdir(workdir: str, out: str) -> dict:
         raise UserError(f"--workdir={workdir} has prefix.reparam={config.prefix.reparam!r}: "
                         "its prefix is already flat, there is no MLP to eject")
     run = bank.load_run(workdir)
-    config, loaded, step, meta = run.config, run.base, run.step, run.meta
+    loaded, step, meta = run.base, run.step, run.meta
     _, flat = prefix.eject(run.prefix_module, run.prefix_params)
 
-    flat_config = config
+    flat_config = run.config  # the run's own config, made flat
     flat_config.prefix.reparam = "none"
     flat_config.prefix.dropout = 0.0
     # The trainable tree of the flat run, as its own train loop builds it (so it resumes); its
@@ -59,7 +59,7 @@ def eject_workdir(workdir: str, out: str) -> dict:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         f.write(flat_config.to_json_best_effort(indent=2))
-    mgr = checkpoint.manager(out, config.train.keep_checkpoints)
+    mgr = checkpoint.manager(out, flat_config.train.keep_checkpoints)
     new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable))
     mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat_state),
                                            data=ocp.args.JsonSave(data_state),

@@ -42,10 +42,12 @@ def _layer_paths(path: str, n_layers: int) -> list[tuple[str, str]]:
             for i in range(n_layers)] if sep else []
 
 
-def labels(params, trainable_regex: str):
+def labels(params, trainable_regex: str, masks: dict[str, np.ndarray] | None = None):
     """A tree like `params` with "train" where the path matches `trainable_regex` (re.search),
-    or where it matches some layer of a stacked leaf (see `layer_masks`)."""
-    masks = layer_masks(params, trainable_regex)
+    or where it matches some layer of a stacked leaf (`masks`, from `layer_masks`; computed
+    here when not given)."""
+    if masks is None:
+        masks = layer_masks(params, trainable_regex)
     pattern = _compile(trainable_regex)
     return jax.tree_util.tree_map_with_path(
         lambda p, _: TRAIN if pattern.search(path_str(p)) or path_str(p) in masks else FREEZE,

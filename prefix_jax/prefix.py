@@ -313,11 +313,7 @@ def init(module: Prefix, rng: jax.Array, prefix_cfg: ml_collections.ConfigDict |
         raise UserError(f"prefix.init={method!r} reads a decoder's activations; use "
                         "prefix.init='random' or 'zero' with this model")
     if method == "text":
-        ids = base.tokenizer(prefix_cfg.init_text, add_special_tokens=False).input_ids
-        if not ids:
-            raise UserError(f"prefix.init_text={prefix_cfg.init_text!r} has no tokens; give a "
-                            "few words")
-        tokens = np.resize(np.asarray(ids, np.int32), module.length)
+        tokens = text_tokens(base.tokenizer, prefix_cfg.init_text, module.length)
     else:
         tokens = sample_vocabulary(base.tokenizer, module.length, rng)
     target = token_values(module, base, tokens)
@@ -368,12 +364,17 @@ def _activations(base, tokens: np.ndarray) -> tuple[KV, jax.Array]:
     return kv, None if layer_inputs is None else layer_inputs.astype(jnp.float32)
 
 
-def text_activations(base, text: str, length: int) -> KV:
-    """Per-layer keys/values `[L, 1, length, K, D]` of `text`'s tokens, cycled to `length`."""
-    ids = base.tokenizer(text, add_special_tokens=False).input_ids
+def text_tokens(tokenizer, text: str, length: int) -> np.ndarray:
+    """The token ids of `text`, cycled to `length`."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
     if not ids:
         raise UserError(f"prefix.init_text={text!r} has no tokens; give a few words")
-    return _activations(base, np.resize(np.asarray(ids, np.int32), length))[0]
+    return np.resize(np.asarray(ids, np.int32), length)
+
+
+def text_activations(base, text: str, length: int) -> KV:
+    """Per-layer keys/values `[L, 1, length, K, D]` of `text`'s tokens, cycled to `length`."""
+    return _activations(base, text_tokens(base.tokenizer, text, length))[0]
 
 
 def fit_mlp(module: Prefix, params: dict, target: dict, steps: int) -> dict:

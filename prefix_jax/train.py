@@ -229,13 +229,13 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
                                     loaded)}
     if config.prefix.get("init_from_peft"):  # absent from configs older than PEFT interop
         params["prefix"] = peft_format.prefix_params(config.prefix, loaded.config, params["prefix"])
-    labels = partition.labels(params, config.trainable)
+    layer_masks = partition.layer_masks(params, config.trainable)
+    labels = partition.labels(params, config.trainable, layer_masks)
     trainable, frozen = partition.split(params, labels)
     if partition.count(trainable) == 0:
         raise UserError(f"trainable={config.trainable!r} matches no parameter; paths look like "
                         "'prefix/key', 'base/layers/q_proj/kernel' or, for one layer of a "
                         "stacked leaf, 'base/layers/-1/q_proj/kernel'")
-    layer_masks = partition.layer_masks(params, config.trainable)
     tx = optim.make(config.optim, config.train.num_steps, labels, layer_masks)
     model = Model(loaded.module, prefix_module,
                   prefix.decode_options(config.prefix, loaded.config), config.seed)
