@@ -10,8 +10,8 @@ import os
 
 import ml_collections
 
-from prefix_jax import positions
 from prefix_jax.errors import UserError
+from prefix_jax.prefix import positions
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -191,7 +191,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(p.get("init_from_peft", ""), str),
            f"prefix.init_from_peft={p.get('init_from_peft')!r}: must be a PEFT adapter dir")
     if p.get("init_from_peft"):
-        from prefix_jax import peft_format
+        from prefix_jax.serving import peft_format
 
         peft_format.check_config(p)
     _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")

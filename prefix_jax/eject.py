@@ -22,8 +22,10 @@ def eject_workdir(workdir: str, out: str) -> dict:
     import jax
     import orbax.checkpoint as ocp
 
-    from prefix_jax import bank, checkpoint, partition, prefix, train
+    from prefix_jax import prefix, train
     from prefix_jax.errors import UserError
+    from prefix_jax.serving import bank
+    from prefix_jax.training import checkpoint, partition
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out={out} exists and is not an empty directory; pick a new path "

@@ -26,7 +26,10 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
         raise UserError(f"--out={out} exists and is not empty; give a new directory")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"--out={out} is a file; give a new directory")
-    from prefix_jax import bank, configs, partition, peft_format, positions
+    from prefix_jax import configs
+    from prefix_jax.prefix import positions
+    from prefix_jax.serving import bank, peft_format
+    from prefix_jax.training import partition
     config = bank.read_config(workdir)
     n_tasks = len(configs.task_dirs(config))
     if n_tasks > 1 and task is None:

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         # orbax and grain log every save at INFO; the progress bar and prints tell the story.
         logging.set_verbosity(logging.WARNING)
-    from prefix_jax.preemption import Stopped
+    from prefix_jax.training.preemption import Stopped
 
     try:
         result = train.train_and_evaluate(config, _WORKDIR.value)

@@ -22,27 +22,17 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from prefix_jax import (
-    checkpoint,
-    configs,
-    decoding,
-    distributed,
-    metrics,
-    models,
-    optim,
-    partition,
-    peft_format,
-    positions,
-    preemption,
-    prefix,
-    tasks,
-)
-from prefix_jax import sharding as shd
-from prefix_jax.data import e2e, pipeline
+from prefix_jax import configs, models, prefix, tasks
+from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
-from prefix_jax.metric_writer import MetricWriter
 from prefix_jax.models import bert, gpt2
 from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
+from prefix_jax.prefix import positions
+from prefix_jax.serving import decoding, peft_format
+from prefix_jax.tasks import e2e, metrics
+from prefix_jax.training import checkpoint, distributed, optim, partition, preemption
+from prefix_jax.training import sharding as shd
+from prefix_jax.training.metric_writer import MetricWriter
 
 
 @flax.struct.dataclass
@@ -166,7 +156,7 @@ def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> No
 def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
                    is_main: bool) -> dict[str, float]:
     """The whole test split with the reportable metrics (beam search), into eval_test.json."""
-    from prefix_jax import evaluation
+    from prefix_jax.serving import evaluation
 
     settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
                                      **model.options.as_kwargs(),

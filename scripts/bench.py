@@ -60,7 +60,8 @@ def fixed_batch(vocab: int) -> dict[str, np.ndarray]:
 def e2e_batches(config, tokenizer, pad: int) -> tuple[list[tuple[dict, list]], list[list]]:
     """The first E2E_BATCHES training batches of prefix_jax (its batch, the rows' Tokenized),
     and as many batches as an HF Trainer makes them by default (shuffled, no length grouping)."""
-    from prefix_jax.data import e2e, pipeline
+    from prefix_jax.data import pipeline
+    from prefix_jax.tasks import e2e
 
     pairs = e2e.read_pairs(config.data.dir, "train")
     examples = pipeline.tokenize_pairs(pairs, tokenizer, config.data.max_len, "trainset.csv")
@@ -126,7 +127,8 @@ class JaxSystem:
     def __init__(self, loaded, config):
         import jax
 
-        from prefix_jax import sharding, train
+        from prefix_jax import train
+        from prefix_jax.training import sharding
 
         mesh = sharding.make_mesh(config.mesh)
         loaded = train.place_base(loaded, mesh, sharding.parse_rules(config.mesh.rules))

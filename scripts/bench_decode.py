@@ -32,9 +32,10 @@ import numpy as np
 import torch
 import transformers
 
-from prefix_jax import bank, configs, decoding, models, prefix
-from prefix_jax.data import e2e
+from prefix_jax import configs, models, prefix
 from prefix_jax.models.llama import KV
+from prefix_jax.serving import bank, decoding
+from prefix_jax.tasks import e2e
 
 
 def load_prefix(args, base) -> KV:

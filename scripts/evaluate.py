@@ -37,7 +37,7 @@ def main() -> None:
     if not os.path.isdir(args.workdir):
         cli.fail(f"--workdir={args.workdir} is not a directory; give a training run's workdir")
 
-    from prefix_jax import evaluation
+    from prefix_jax.serving import evaluation
 
     result = evaluation.evaluate_workdir(
         args.workdir, args.split, args.task, args.data_dir, args.num_beams,

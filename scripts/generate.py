@@ -74,8 +74,8 @@ def main() -> None:
         if not os.path.isdir(w):
             cli.fail(f"--workdir={w} is not a directory; give a training run's workdir")
 
-    from prefix_jax import bank, decoding
-    from prefix_jax.data import e2e
+    from prefix_jax.serving import bank, decoding
+    from prefix_jax.tasks import e2e
 
     choices = dict(num_beams=args.num_beams, length_penalty=args.length_penalty,
                    do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,

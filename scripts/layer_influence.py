@@ -29,9 +29,11 @@ def measure(workdir: str, limit: int, batch_size: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from prefix_jax import bank, models, prefix, train
-    from prefix_jax.data import e2e, pipeline
+    from prefix_jax import models, prefix, train
+    from prefix_jax.data import pipeline
     from prefix_jax.errors import UserError
+    from prefix_jax.serving import bank
+    from prefix_jax.tasks import e2e
 
     run = bank.load_run(workdir)
     config, base = run.config, run.base

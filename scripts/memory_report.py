@@ -22,7 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from experiments import e2e_smollm2  # the repo root, not installed
-from prefix_jax import models, sharding, train
+from prefix_jax import models, train
+from prefix_jax.training import sharding
 
 
 def _config(model: str, **fields):

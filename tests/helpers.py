@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments import e2e_smollm2
-from prefix_jax import checkpoint, configs, train
-from prefix_jax.data import e2e, pipeline
+from prefix_jax import configs, train
+from prefix_jax.data import pipeline
+from prefix_jax.tasks import e2e
+from prefix_jax.training import checkpoint
 
 E2E_DIR = configs.default_data_dir("e2e")
 

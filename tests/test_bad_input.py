@@ -71,8 +71,9 @@ def tiny_peft_adapter(tmp, length: int):
     """A PEFT prefix-tuning adapter dir for the tiny Llama with `length` virtual tokens."""
     import numpy as np
 
-    from prefix_jax import models, peft_format
+    from prefix_jax import models
     from prefix_jax.models.llama import KV
+    from prefix_jax.serving import peft_format
 
     cfg = models.tiny_config("tiny")
     kv = np.zeros((cfg.n_layers, 1, length, cfg.n_kv_heads, cfg.head_dim), np.float32)

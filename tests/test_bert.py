@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from prefix_jax import configs, models
-from prefix_jax.data import sst2
 from prefix_jax.errors import UserError
 from prefix_jax.models import bert, hf_bert
 from prefix_jax.models.llama import KV
+from prefix_jax.tasks import sst2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SST2_DIR = configs.default_data_dir("sst2")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from prefix_jax import models
-from prefix_jax.data import e2e, pipeline
+from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
+from prefix_jax.tasks import e2e
 from tests.helpers import E2E_DIR
 
 

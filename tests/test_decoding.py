@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefix_jax import configs, decoding, models, prefix
-from prefix_jax.decoding import DecodeSettings
+from prefix_jax import configs, models, prefix
 from prefix_jax.models.llama import KV, Llama, LlamaConfig, causal_mask
+from prefix_jax.serving import decoding
+from prefix_jax.serving.decoding import DecodeSettings
 
 
 @pytest.fixture(scope="module")

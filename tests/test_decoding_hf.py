@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from prefix_jax import decoding
-from prefix_jax.decoding import DecodeSettings
 from prefix_jax.models import llama
+from prefix_jax.serving import decoding
+from prefix_jax.serving.decoding import DecodeSettings
 from tests.test_llama_parity import _hf_tiny, _to_flax
 
 PAD = 1  # not 0: transformers' beam search fills with EOS when pad_token_id is 0 (falsy)

@@ -8,8 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from prefix_jax import bank, eject, train
+from prefix_jax import eject, train
 from prefix_jax.errors import UserError
+from prefix_jax.serving import bank
 from scripts import layer_influence
 from tests.helpers import runlocal_config
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from prefix_jax import metrics, train
-from prefix_jax.data import e2e
+from prefix_jax import train
+from prefix_jax.tasks import e2e, metrics
 from tests.helpers import E2E_DIR, run_script, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,7 +63,7 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
                tmp_path / "raw_out.txt", "--raw", *common, capsys=capsys)
     run_script("generate.py", "--workdir", a, "--input", tmp_path / "one.txt", "--output",
                tmp_path / "fmt_out.txt", *common, capsys=capsys)
-    from prefix_jax import bank, decoding
+    from prefix_jax.serving import bank, decoding
 
     run = bank.load([a])
     settings = decoding.settings_for(run.base.tokenizer, 6)
@@ -130,7 +130,7 @@ def test_runs_trained_before_newer_config_fields_still_load(two_runs, tmp_path):
     still serves: those take their defaults."""
     import shutil
 
-    from prefix_jax import bank
+    from prefix_jax.serving import bank
 
     old = tmp_path / "old_run"
     shutil.copytree(two_runs[0], old)

@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers
 
-from prefix_jax import configs, decoding, models
-from prefix_jax.decoding import DecodeSettings
+from prefix_jax import configs, models
 from prefix_jax.models import gpt2
 from prefix_jax.models.llama import KV, causal_mask
+from prefix_jax.serving import decoding
+from prefix_jax.serving.decoding import DecodeSettings
 
 VOCAB = 259  # the byte tokenizer's size
 

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from prefix_jax import checkpoint, train
+from prefix_jax import train
+from prefix_jax.training import checkpoint
 from tests.helpers import crash_run_after_checkpoint, runlocal_config
 
 

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefix_jax import bank, checkpoint, configs, models, prefix, train
+from prefix_jax import configs, models, prefix, train
+from prefix_jax.serving import bank
+from prefix_jax.training import checkpoint
 from tests.helpers import E2E_DIR, runlocal_config, tiny_batch
 
 

@@ -16,10 +16,12 @@ import pytest
 import torch
 import transformers
 
-from prefix_jax import bank, export, models, partition, peft_format, train
+from prefix_jax import export, models, train
 from prefix_jax.models import hf_gpt2, hf_llama
 from prefix_jax.models.gpt2 import GPT2Config
 from prefix_jax.models.llama import KV, causal_mask
+from prefix_jax.serving import bank, peft_format
+from prefix_jax.training import partition
 from tests.helpers import runlocal_config
 
 P = 5

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefix_jax import configs, models, partition, prefix, train
+from prefix_jax import configs, models, prefix, train
 from prefix_jax.models.llama import DecoderLayer, causal_mask, rope_angles
+from prefix_jax.training import partition
 from tests.helpers import runlocal_config, tiny_batch
 
 
@@ -221,8 +222,8 @@ def test_cached_greedy_decoding_equals_the_train_path(tiny, overrides):
     """The decoder's masks (infix, per-layer, prompt positions) are the training masks: each
     greedy token is the argmax of the train path's logits on the decoded sequence, and the
     decoder's summed log-probability is the train path's."""
-    from prefix_jax import decoding
-    from prefix_jax.data import e2e
+    from prefix_jax.serving import decoding
+    from prefix_jax.tasks import e2e
 
     setup = train.create_train_state(runlocal_config(prefix__length=3, **overrides), tiny)
     params = partition.merge(setup.state.trainable, setup.frozen)

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prefix_jax import checkpoint, train
+from prefix_jax import train
 from prefix_jax.errors import UserError
+from prefix_jax.training import checkpoint
 from tests.helpers import crash_run_after_checkpoint, runlocal_config
 from tests.test_bad_input import FAST, REPO, RUNLOCAL, run_main
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 
-from prefix_jax import checkpoint, sharding
+from prefix_jax.training import checkpoint, sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = [f"--config={os.path.join(REPO, 'experiments', 'e2e_smollm2.py')}:runlocal",

@@ -1,1 +1,3 @@
-"""Tasks (what a pair is) and the input pipeline (how pairs become batches)."""
+"""The input pipeline: tokenized examples -> length-bucketed, per-process batches.
+
+It knows no task format: tasks (prefix_jax.tasks) hand it tokenized examples."""

@@ -16,8 +16,8 @@ import dataclasses
 import grain
 import numpy as np
 
-from prefix_jax.data.e2e import Pair, format_source
 from prefix_jax.errors import UserError
+from prefix_jax.tasks.e2e import Pair, format_source
 
 BUCKET_CHUNKS = 50  # batches per sorting chunk: more = less padding, less randomness
 

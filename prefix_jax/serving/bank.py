@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prefix_jax import checkpoint, configs, models, prefix
+from prefix_jax import configs, models, prefix
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV
+from prefix_jax.training import checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

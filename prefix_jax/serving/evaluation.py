@@ -12,10 +12,11 @@ import json
 import os
 import time
 
-from prefix_jax import bank, configs, decoding, metrics
-from prefix_jax.data import dart, e2e
+from prefix_jax import configs
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV, Llama
+from prefix_jax.serving import bank, decoding
+from prefix_jax.tasks import dart, e2e, metrics
 
 TASKS = ("e2e", "dart")
 

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from prefix_jax.errors import UserError
-from prefix_jax.partition import path_str
+from prefix_jax.training.partition import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # FSDP shards the batch too: each fsdp shard sees its own rows

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from prefix_jax import positions
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import (
     KV,
@@ -46,6 +45,7 @@ from prefix_jax.models.llama import (
     rms_norm,
     rope_angles,
 )
+from prefix_jax.prefix import positions
 
 MODES = ("kv", "hidden", "input")
 PLACEMENTS = ("prefix", "infix")

@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from prefix_jax.errors import UserError
-from prefix_jax.partition import path_str
+from prefix_jax.training.partition import path_str
 
 
 def base_fingerprint(params) -> str:

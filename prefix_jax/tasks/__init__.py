@@ -23,9 +23,11 @@ import ml_collections
 import numpy as np
 import optax
 
-from prefix_jax import configs, partition, prefix
-from prefix_jax.data import e2e, pipeline, sst2
+from prefix_jax import configs, prefix
+from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
+from prefix_jax.tasks import e2e, sst2
+from prefix_jax.training import partition
 
 TASKS = ("e2e", "sst2")
 
@@ -71,7 +73,7 @@ def _e2e(config: ml_collections.ConfigDict) -> Task:
     train_pairs = [e2e.read_pairs(d, "train") for d in dirs]
     dev_sets = [e2e.group_references(e2e.read_pairs(d, "dev")) for d in dirs]
     if config.eval.test_at_end:
-        from prefix_jax import evaluation
+        from prefix_jax.serving import evaluation
 
         evaluation.check_can_score("e2e")
         e2e.read_pairs(config.data.dir, "test")  # a missing test file fails now, not at the end

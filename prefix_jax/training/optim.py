@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from prefix_jax.partition import FREEZE, TRAIN, path_str
+from prefix_jax.training.partition import FREEZE, TRAIN, path_str
 
 
 def schedule(optim_cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:

@@ -19,9 +19,9 @@ import os
 import ml_collections
 import numpy as np
 
-from prefix_jax import positions
 from prefix_jax.errors import UserError
 from prefix_jax.models.llama import KV
+from prefix_jax.prefix import positions
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
