@@ -129,7 +129,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """GPT-2 LM; the call signature and `logits` are those of `models.llama.Llama`.
+    """GPT-2 LM; the call signature and `logits` are those of the Llama decoder.
 
     Parameter names: `wte`, `wpe`, `layers/{ln_1,c_attn,attn_proj,ln_2,c_fc,mlp_proj}`, `ln_f`
     (HF's `attn.c_proj` and `mlp.c_proj` are `attn_proj` and `mlp_proj`; see hf_gpt2.py).
