@@ -64,9 +64,9 @@ def model_config(path: str = "smollm2") -> ml_collections.ConfigDict:
 
 
 # Logical dimension name -> mesh axis or axes (None = replicated along it); see sharding.py and
-# models.llama.LOGICAL_AXES for the names. FSDP shards the batch and every `embed` dimension of
-# the base; tensor parallelism splits heads, MLP columns and the vocabulary; the (small) prefix
-# is replicated.
+# each backbone config's `logical_axes` for the names. FSDP shards the batch and every `embed`
+# dimension of the base; tensor parallelism splits heads, MLP columns and the vocabulary; the
+# (small) prefix is replicated.
 DEFAULT_MESH_RULES = (
     ("batch", ("data", "fsdp")),
     ("vocab", "tensor"),

@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -25,9 +26,8 @@ from tqdm import tqdm
 from prefix_jax import configs, models, prefix, tasks
 from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
-from prefix_jax.models import bert, gpt2
-from prefix_jax.models.llama import LOGICAL_AXES, Llama, causal_mask
-from prefix_jax.prefix import positions
+from prefix_jax.models.backbone import Backbone
+from prefix_jax.prefix import masks, positions
 from prefix_jax.serving import decoding, peft_format
 from prefix_jax.tasks import e2e, metrics
 from prefix_jax.training import checkpoint, distributed, optim, partition, preemption
@@ -46,7 +46,7 @@ class TrainState:
 class Model:
     """The base module and the prefix module: the code (not the weights) of a forward pass."""
 
-    base: Llama
+    base: Backbone
     prefix: prefix.Prefix
     options: prefix.DecodeOptions = dataclasses.field(default_factory=prefix.DecodeOptions)
     dropout_seed: int = 0  # prefix dropout's key, folded with the step
@@ -68,16 +68,10 @@ def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
     """
     kv = prefix.select(model.prefix_kv(params, dropout_rng), batch.get("prefix_ids"))
     n_prefix = prefix.length(kv)
-    mask = causal_mask(batch["segment_ids"], n_prefix)
-    if model.options.infix:  # the source does not see the infix; the queries that predict
-        # the target (from the last source token, target_index[:, 0], on) do
-        sees = jnp.arange(mask.shape[1])[None, :] >= batch["target_index"][:, :1]
-        mask = mask.at[:, :, :n_prefix].set(mask[:, :, :n_prefix] & sees[:, :, None])
-    if layer_on is None:
-        key_mask = prefix.key_mask(model.options.prefix_layers, model.prefix.n_layers,
-                                   n_prefix, mask.shape[-1])
-    else:
-        key_mask = prefix.key_mask_from(layer_on, n_prefix, mask.shape[-1])
+    # an infix is seen from the last source token (target_index[:, 0]: it predicts the target) on
+    target_start = batch["target_index"][:, 0] if model.options.infix else None
+    mask, key_mask = masks.training(model.options, batch["segment_ids"], n_prefix,
+                                    model.prefix.n_layers, target_start, layer_on)
     hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
                                  batch["positions"] + model.options.position_offset, mask,
                                  prefix=kv, return_hidden=True, key_mask=key_mask)
@@ -129,7 +123,7 @@ def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str
         kv = prefix.select(model.prefix_kv(params), jnp.asarray([task]))
         options = model.options
     prompts = [e2e.format_source(s) for s in sources]
-    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, **options.as_kwargs(),
+    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, prefix=options,
                                      num_beams=eval_cfg.num_beams,
                                      length_penalty=eval_cfg.length_penalty)
     predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
@@ -159,7 +153,7 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     from prefix_jax.serving import evaluation
 
     settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
-                                     **model.options.as_kwargs(),
+                                     prefix=model.options,
                                      num_beams=config.eval.test_num_beams,
                                      length_penalty=config.eval.length_penalty)
     kv = model.prefix_kv(params)
@@ -176,20 +170,26 @@ def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
     return {f"test/{k}": v for k, v in scores.items()}
 
 
-_BASE_AXES = shd.regex_axes(LOGICAL_AXES + gpt2.LOGICAL_AXES + bert.LOGICAL_AXES)  # disjoint
 _PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
 
 
-def param_axes(path: str, ndim: int):
-    """Logical dimension names of a leaf of `{"base": ..., "prefix": ...}` (for sharding)."""
-    scope, _, rest = path.partition("/")
-    return (_BASE_AXES if scope == "base" else _PREFIX_AXES)(rest, ndim)
+def param_axes(base_config) -> Callable[[str, int], tuple]:
+    """(path, ndim) -> logical dimension names of a leaf of `{"base": ..., "prefix": ...}`
+    (for sharding); the base's from its own backbone's table, `base_config.logical_axes`."""
+    base_axes = shd.regex_axes(base_config.logical_axes)
+
+    def axes(path: str, ndim: int):
+        scope, _, rest = path.partition("/")
+        return (base_axes if scope == "base" else _PREFIX_AXES)(rest, ndim)
+
+    return axes
 
 
 def place_base(loaded: models.LoadedModel, mesh, rules) -> models.LoadedModel:
     """The loaded base placed onto the mesh, each device taking its shard. The host arrays of
     `loaded.params` are replaced in place, one at a time (the base never exists twice)."""
-    shardings = shd.tree_shardings({"base": loaded.params}, param_axes, mesh, rules)["base"]
+    shardings = shd.tree_shardings({"base": loaded.params}, param_axes(loaded.config), mesh,
+                                   rules)["base"]
     shd.place(loaded.params, shardings, consume=True)
     return loaded
 
@@ -238,7 +238,7 @@ def create_train_state(config: ml_collections.ConfigDict, loaded: models.LoadedM
                      layer_masks=layer_masks)
     rules = shd.parse_rules(config.mesh.rules)
     train_shardings, frozen_shardings = partition.split(
-        shd.tree_shardings(params, param_axes, mesh, rules), labels)
+        shd.tree_shardings(params, param_axes(loaded.config), mesh, rules), labels)
     trainable = shd.place(trainable, train_shardings)
     frozen = shd.place(frozen, frozen_shardings)
     state_shardings = shd.state_shardings(jax.eval_shape(fresh_state, trainable),

@@ -33,7 +33,7 @@ import torch
 import transformers
 
 from prefix_jax import configs, models, prefix
-from prefix_jax.models.llama import KV
+from prefix_jax.models.core import KV
 from prefix_jax.serving import bank, decoding
 from prefix_jax.tasks import e2e
 
@@ -123,7 +123,7 @@ def main() -> None:
     sources, _ = e2e.group_references(e2e.read_pairs(configs.default_data_dir("e2e"), "dev"))
     n = args.max_new_tokens
     settings = decoding.DecodeSettings(max_new_tokens=n, pad_id=models.pad_id(base.tokenizer),
-                                       position_offset=n_prefix)
+                                       prefix=prefix.DecodeOptions(position_offset=n_prefix))
     print(f"SmolLM2-135M float32, prefix {n_prefix} slots, greedy {n} new tokens, "
           f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")

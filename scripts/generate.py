@@ -87,7 +87,7 @@ def main() -> None:
     sources, rows = read_lines(args.input, len(args.workdir))
     run = bank.load(args.workdir)
     settings = decoding.settings_for(run.base.tokenizer, args.max_new_tokens,
-                                     **run.options.as_kwargs(), **choices)
+                                     prefix=run.options, **choices)
     prompts = sources if args.raw else [e2e.format_source(s) for s in sources]
     generations = decoding.generate(run.base.module, run.base.params, run.prefixes,
                                     run.base.tokenizer, prompts, args.batch_size, settings,

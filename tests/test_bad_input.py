@@ -72,7 +72,7 @@ def tiny_peft_adapter(tmp, length: int):
     import numpy as np
 
     from prefix_jax import models
-    from prefix_jax.models.llama import KV
+    from prefix_jax.models.core import KV
     from prefix_jax.serving import peft_format
 
     cfg = models.tiny_config("tiny")

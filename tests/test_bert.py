@@ -13,7 +13,7 @@ import pytest
 from prefix_jax import configs, models
 from prefix_jax.errors import UserError
 from prefix_jax.models import bert, hf_bert
-from prefix_jax.models.llama import KV
+from prefix_jax.models.core import KV, bidirectional_mask
 from prefix_jax.tasks import sst2
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +52,7 @@ def _ours(module, params, tokens, mask, types, kv=None, offset=0):
     positions = np.broadcast_to(np.arange(tokens.shape[1]) + offset, tokens.shape)
     n_prefix = 0 if kv is None else kv.k.shape[2]
     return np.asarray(module.apply({"params": params}, tokens, positions,
-                                   bert.bidirectional_mask(mask, n_prefix), prefix=kv,
+                                   bidirectional_mask(mask, n_prefix), prefix=kv,
                                    token_types=types))
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from prefix_jax import configs, models, prefix
-from prefix_jax.models.llama import KV, Llama, LlamaConfig, causal_mask
+from prefix_jax.models.core import KV, causal_mask
+from prefix_jax.models.llama import Llama, LlamaConfig
 from prefix_jax.serving import decoding
 from prefix_jax.serving.decoding import DecodeSettings
 
@@ -58,7 +59,8 @@ PROMPTS = [[5, 9, 30, 41, 7], [100, 3], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
 def test_cached_greedy_equals_recompute(tiny_with_prefix, offset):
     loaded, kv = tiny_with_prefix
     # no stop token, so every row decodes all 6 tokens
-    out = _decode(loaded, kv, PROMPTS, max_new_tokens=6, position_offset=offset)
+    out = _decode(loaded, kv, PROMPTS, max_new_tokens=6,
+                  prefix=prefix.DecodeOptions(position_offset=offset))
     for row, p in enumerate(PROMPTS):
         assert np.asarray(out.tokens[row]).tolist() == _recompute_greedy(loaded, kv, p, 6, offset)
 

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from prefix_jax import models
-from prefix_jax.models import llama
+from prefix_jax.models.core import causal_mask
 
 pytestmark = pytest.mark.real_model
 
@@ -24,7 +24,7 @@ def test_smollm2_logits_match_transformers_gguf_load(smollm2):
         want = hf(torch.tensor([ids])).logits[0].numpy()
     t = len(ids)
     got, _ = smollm2.module.apply({"params": smollm2.params}, jnp.asarray([ids]),
-                                  jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
+                                  jnp.arange(t)[None], causal_mask(jnp.ones((1, t), int), 0))
     assert smollm2.config.n_layers == 30 and smollm2.config.n_kv_heads == 3
     np.testing.assert_allclose(np.asarray(got[0]), want, atol=1e-3, rtol=0)
     # The model is the instruct model, not noise: it predicts the text it was given.

@@ -10,7 +10,8 @@ import transformers
 
 from prefix_jax import configs, models
 from prefix_jax.models import gpt2
-from prefix_jax.models.llama import KV, causal_mask
+from prefix_jax.models.core import KV, causal_mask
+from prefix_jax.prefix import DecodeOptions
 from prefix_jax.serving import decoding
 from prefix_jax.serving.decoding import DecodeSettings
 
@@ -112,8 +113,9 @@ def test_cached_greedy_decoding_matches_transformers(pair):
     tokens, valid = decoding.left_pad(prompts, 0)
     for kv, offset in ((None, 0), (prefix, 4)):
         ours = decoding.decode(loaded.module, loaded.params, kv, jnp.asarray(tokens),
-                               jnp.asarray(valid), DecodeSettings(max_new_tokens=n_new,
-                                                                  position_offset=offset))
+                               jnp.asarray(valid), DecodeSettings(
+                                   max_new_tokens=n_new,
+                                   prefix=DecodeOptions(position_offset=offset)))
         for row, p in enumerate(prompts):
             ids = torch.tensor([p])
             with torch.no_grad():

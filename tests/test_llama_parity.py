@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from prefix_jax.models import llama
+from prefix_jax.models.core import causal_mask
 from prefix_jax.models.hf_llama import config_from_hf, params_from_hf
 
 
@@ -46,7 +47,7 @@ def _assert_same_logits(hf, cfg, params, seed: int, length: int) -> None:
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
     positions = jnp.broadcast_to(jnp.arange(length), (2, length))
-    mask = llama.causal_mask(jnp.ones((2, length), jnp.int32), 0)
+    mask = causal_mask(jnp.ones((2, length), jnp.int32), 0)
     got, _ = llama.Llama(cfg).apply({"params": params}, jnp.asarray(tokens), positions, mask)
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
@@ -62,13 +63,13 @@ def test_padding_and_packing_do_not_leak():
     def alone(seq):
         t = len(seq)
         out, _ = model.apply({"params": params}, jnp.asarray(seq)[None],
-                             jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
+                             jnp.arange(t)[None], causal_mask(jnp.ones((1, t), int), 0))
         return np.asarray(out[0])
 
     packed = jnp.asarray(np.concatenate([a, b, [0]]))[None]
     segments = jnp.asarray([[1] * 5 + [2] * 4 + [0]])
     positions = jnp.asarray([list(range(5)) + list(range(4)) + [0]])
-    out, _ = model.apply({"params": params}, packed, positions, llama.causal_mask(segments, 0))
+    out, _ = model.apply({"params": params}, packed, positions, causal_mask(segments, 0))
     np.testing.assert_allclose(np.asarray(out[0, :5]), alone(a), atol=1e-5)
     np.testing.assert_allclose(np.asarray(out[0, 5:9]), alone(b), atol=1e-5)
 
@@ -87,7 +88,7 @@ def test_hf_directory_loader(tmp_path):
         want = hf(torch.tensor([ids])).logits.numpy()
     t = len(ids)
     got, _ = loaded.module.apply({"params": loaded.params}, jnp.asarray([ids]),
-                                 jnp.arange(t)[None], llama.causal_mask(jnp.ones((1, t), int), 0))
+                                 jnp.arange(t)[None], causal_mask(jnp.ones((1, t), int), 0))
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
 
 

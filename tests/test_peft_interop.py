@@ -18,8 +18,8 @@ import transformers
 
 from prefix_jax import export, models, train
 from prefix_jax.models import hf_gpt2, hf_llama
+from prefix_jax.models.core import KV, causal_mask
 from prefix_jax.models.gpt2 import GPT2Config
-from prefix_jax.models.llama import KV, causal_mask
 from prefix_jax.serving import bank, peft_format
 from prefix_jax.training import partition
 from tests.helpers import runlocal_config

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax import configs, models, prefix
-from prefix_jax.models.llama import causal_mask
+from prefix_jax.models.core import causal_mask
 
 
 def _logits(loaded, kv, tokens):

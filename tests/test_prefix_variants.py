@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from prefix_jax import configs, models, prefix, train
-from prefix_jax.models.llama import DecoderLayer, causal_mask, rope_angles
+from prefix_jax.models.core import causal_mask, rope_angles
+from prefix_jax.models.llama import DecoderLayer
+from prefix_jax.prefix import masks
 from prefix_jax.training import partition
 from tests.helpers import runlocal_config, tiny_batch
 
@@ -104,7 +106,7 @@ def test_layer_subset_matches_a_layer_by_layer_reference(tiny):
     assert params["key"].shape[0] == 1
     kv = prefix.compute(module, params, tiny.module, tiny.params)
     opts = prefix.decode_options(cfg, tiny.config)
-    got = _logits(tiny, kv, TOKENS, key_mask=prefix.key_mask(opts.prefix_layers, 2, 3, 10))
+    got = _logits(tiny, kv, TOKENS, key_mask=masks.key_mask(opts.prefix_layers, 2, 3, 10))
 
     b, t = TOKENS.shape
     x = jnp.asarray(tiny.params["embed_tokens"]["embedding"])[TOKENS]
@@ -230,7 +232,7 @@ def test_cached_greedy_decoding_equals_the_train_path(tiny, overrides):
     params = {**params, "prefix": jax.tree.map(lambda x: x * 3.0, params["prefix"])}
     ids = tiny.tokenizer(e2e.format_source("name[Alimentum], area[city centre]"),
                          add_special_tokens=False).input_ids
-    settings = decoding.DecodeSettings(max_new_tokens=6, **setup.model.options.as_kwargs())
+    settings = decoding.DecodeSettings(max_new_tokens=6, prefix=setup.model.options)
     tokens, valid = decoding.left_pad([ids], 0)
     out = decoding.decode(tiny.module, params["base"], setup.model.prefix_kv(params),
                           jnp.asarray(tokens), jnp.asarray(valid), settings)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import models, train
-from prefix_jax.models.llama import causal_mask
+from prefix_jax.models.core import causal_mask
 from prefix_jax.training import partition
 from tests.helpers import runlocal_config, tiny_batch
 

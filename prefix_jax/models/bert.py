@@ -16,15 +16,41 @@ with a cache).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prefix_jax.models.llama import KV, REMAT_POLICIES, attend, prepend_prefix
+from prefix_jax.models.backbone import Capabilities
+from prefix_jax.models.core import (
+    KV,
+    REMAT_POLICIES,
+    attend,
+    bidirectional_mask,
+    prepend_prefix,
+    with_layer_keys,
+)
 
 POOLINGS = ("cls", "mean")
+
+
+# Logical names of every parameter's dimensions, by path regex (see sharding.regex_axes).
+LOGICAL_AXES = (
+    (r"(^|/)word/embedding$", ("vocab", "embed")),
+    (r"(^|/)(position|token_type)/embedding$", (None, "embed")),
+    (r"layers/(query|key|value)/kernel$", ("layers", "embed", "heads")),
+    (r"layers/(query|key|value)/bias$", ("layers", "heads")),
+    (r"layers/attention_out/kernel$", ("layers", "heads", "embed")),
+    (r"layers/intermediate/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/intermediate/bias$", ("layers", "mlp")),
+    (r"layers/output/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/(attention_out|output)/bias$", ("layers", "embed")),
+    (r"layers/(attention_norm|output_norm)/(scale|bias)$", ("layers", "embed")),
+    (r"(^|/)embed_norm/(scale|bias)$", ("embed",)),
+    (r"(^|/)classifier/kernel$", ("embed", None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +69,11 @@ class BertConfig:
     classifier_dropout: float = 0.1  # on the pooled vector, in training steps only
     dtype: str = "float32"  # compute dtype of activations; parameters keep their own
 
+    name: ClassVar[str] = "BERT"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        kind="encoder", positions="learned", prefix_modes=("kv",))
+    logical_axes: ClassVar[tuple] = LOGICAL_AXES
+
     @property
     def n_kv_heads(self) -> int:  # every head has its own K/V: what prefix.build sizes
         return self.n_heads
@@ -50,34 +81,6 @@ class BertConfig:
     def __post_init__(self):
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not one of {POOLINGS}")
-
-
-# Logical names of every parameter's dimensions, by path regex (see sharding.regex_axes). Names
-# are disjoint from llama.LOGICAL_AXES, so train.py can look both tables up.
-LOGICAL_AXES = (
-    (r"(^|/)word/embedding$", ("vocab", "embed")),
-    (r"(^|/)(position|token_type)/embedding$", (None, "embed")),
-    (r"layers/(query|key|value)/kernel$", ("layers", "embed", "heads")),
-    (r"layers/(query|key|value)/bias$", ("layers", "heads")),
-    (r"layers/attention_out/kernel$", ("layers", "heads", "embed")),
-    (r"layers/intermediate/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/intermediate/bias$", ("layers", "mlp")),
-    (r"layers/output/kernel$", ("layers", "mlp", "embed")),
-    (r"layers/(attention_out|output)/bias$", ("layers", "embed")),
-    (r"layers/(attention_norm|output_norm)/(scale|bias)$", ("layers", "embed")),
-    (r"(^|/)embed_norm/(scale|bias)$", ("embed",)),
-    (r"(^|/)classifier/kernel$", ("embed", None)),
-)
-
-
-def bidirectional_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
-    """`[B, T, P + T]`: every query sees all P prefix slots and every real token of its own
-    segment (0 = padding, never seen). Padding queries see the prefix too (their outputs are
-    never read), so no row is empty."""
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    real = (segment_ids > 0)[:, None, :]
-    prefix_mask = jnp.ones((*segment_ids.shape, n_prefix), dtype=bool)
-    return jnp.concatenate([prefix_mask, same & real], axis=-1)
 
 
 def _dense(features: int, name: str, dtype) -> nn.Dense:
@@ -95,8 +98,7 @@ class EncoderLayer(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
-        if key_mask is not None:  # this layer's extra mask over key slots (prefix layer subsets)
-            mask = mask & key_mask[None, None, :]
+        mask = with_layer_keys(mask, key_mask)
         heads = (b, t, cfg.n_heads, cfg.head_dim)
         q = _dense(cfg.n_heads * cfg.head_dim, "query", dtype)(x).reshape(heads)
         k = _dense(cfg.n_heads * cfg.head_dim, "key", dtype)(x).reshape(heads)

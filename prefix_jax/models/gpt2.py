@@ -1,5 +1,6 @@
 """GPT-2 (Radford et al. 2019, the model of Li & Liang's prefix-tuning paper) with the call
-interface of `models.llama.Llama`, so the train loop, decoding and the prefix bank use it as is.
+interface of the Llama decoder (models/llama.py), so the train loop, decoding and the prefix bank
+use it as is.
 
 Differences from Llama that matter here: learned absolute position embeddings (`wpe`, added to
 the token embeddings), LayerNorm with a bias, a fused QKV projection `c_attn` with biases as in HF
@@ -15,13 +16,32 @@ as HF/PEFT do with a cache) changes the function the prefix is trained against; 
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from prefix_jax.models.llama import KV, REMAT_POLICIES, attend, layer_keys_values
+from prefix_jax.models.backbone import Capabilities
+from prefix_jax.models.core import KV, REMAT_POLICIES, attend, layer_keys_values, with_layer_keys
+
+# Logical names of every parameter's dimensions, by path regex (see sharding.regex_axes).
+# The fused QKV columns are split over `heads` like Llama's q_proj: any split is correct, and this
+# one keeps each shard's columns contiguous.
+LOGICAL_AXES = (
+    (r"wte/embedding$", ("vocab", "embed")),
+    (r"wpe/embedding$", (None, "embed")),
+    (r"layers/c_attn/kernel$", ("layers", "embed", "heads")),
+    (r"layers/c_attn/bias$", ("layers", "heads")),
+    (r"layers/attn_proj/kernel$", ("layers", "heads", "embed")),
+    (r"layers/c_fc/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/c_fc/bias$", ("layers", "mlp")),
+    (r"layers/mlp_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/(attn_proj|mlp_proj)/bias$", ("layers", "embed")),
+    (r"layers/ln_[12]/(scale|bias)$", ("layers", "embed")),
+    (r"(^|/)ln_f/(scale|bias)$", ("embed",)),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +54,13 @@ class GPT2Config:
     max_seq_len: int = 1024  # number of learned positions (HF `n_positions`)
     ln_eps: float = 1e-5
     dtype: str = "float32"  # compute dtype of activations; parameters keep their own
+
+    name: ClassVar[str] = "GPT-2"
+    # Only `kv`: hidden/input prefixes would need this family's own projection and position
+    # handling, which no one has written and checked against a reference.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        kind="decoder", positions="learned", prefix_modes=("kv",))
+    logical_axes: ClassVar[tuple] = LOGICAL_AXES
 
     def __post_init__(self):
         if self.d_model % self.n_heads:
@@ -51,24 +78,6 @@ class GPT2Config:
     @property
     def tie_embeddings(self) -> bool:
         return True
-
-
-# Logical names of every parameter's dimensions, by path regex (see models.llama.LOGICAL_AXES).
-# The fused QKV columns are split over `heads` like Llama's q_proj: any split is correct, and this
-# one keeps each shard's columns contiguous.
-LOGICAL_AXES = (
-    (r"wte/embedding$", ("vocab", "embed")),
-    (r"wpe/embedding$", (None, "embed")),
-    (r"layers/c_attn/kernel$", ("layers", "embed", "heads")),
-    (r"layers/c_attn/bias$", ("layers", "heads")),
-    (r"layers/attn_proj/kernel$", ("layers", "heads", "embed")),
-    (r"layers/c_fc/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/c_fc/bias$", ("layers", "mlp")),
-    (r"layers/mlp_proj/kernel$", ("layers", "mlp", "embed")),
-    (r"layers/(attn_proj|mlp_proj)/bias$", ("layers", "embed")),
-    (r"layers/ln_[12]/(scale|bias)$", ("layers", "embed")),
-    (r"(^|/)ln_f/(scale|bias)$", ("embed",)),
-)
 
 
 class LayerNorm(nn.Module):
@@ -104,8 +113,7 @@ class GPT2Block(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t, d = x.shape
-        if key_mask is not None:  # this layer's extra mask over key slots (prefix layer subsets)
-            mask = mask & key_mask[None, None, :]
+        mask = with_layer_keys(mask, key_mask)
         h = LayerNorm(cfg.ln_eps, name="ln_1")(x)
         qkv = _dense(3 * d, "c_attn", dtype)(h)
         q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim) for y in jnp.split(qkv, 3, -1))
@@ -121,7 +129,7 @@ class GPT2Block(nn.Module):
 
 
 class GPT2(nn.Module):
-    """GPT-2 LM; the call signature and `logits` are those of `models.llama.Llama`.
+    """GPT-2 LM; the call signature and `logits` are those of the Llama decoder.
 
     Parameter names: `wte`, `wpe`, `layers/{ln_1,c_attn,attn_proj,ln_2,c_fc,mlp_proj}`, `ln_f`
     (HF's `attn.c_proj` and `mlp.c_proj` are `attn_proj` and `mlp_proj`; see hf_gpt2.py).

@@ -14,12 +14,38 @@ Two ways to call the model, one code path:
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import ClassVar
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from prefix_jax.models.backbone import Capabilities
+from prefix_jax.models.core import (
+    KV,
+    REMAT_POLICIES,
+    apply_rope,
+    attend,
+    layer_keys_values,
+    rms_norm,
+    rope_angles,
+    with_layer_keys,
+)
+
+# Logical names of every parameter's dimensions, by path regex (for `sharding.regex_axes`):
+# `config.mesh.rules` maps them to mesh axes (FSDP over `embed`, tensor parallel over heads/mlp).
+LOGICAL_AXES = (
+    (r"embed_tokens/embedding$", ("vocab", "embed")),
+    (r"layers/q_proj/kernel$", ("layers", "embed", "heads")),
+    (r"layers/(k_proj|v_proj)/kernel$", ("layers", "embed", "kv_heads")),
+    (r"layers/o_proj/kernel$", ("layers", "heads", "embed")),
+    (r"layers/(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
+    (r"layers/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/\w+_layernorm/scale$", ("layers", "embed")),
+    (r"(^|/)norm/scale$", ("embed",)),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,106 +63,17 @@ class LlamaConfig:
     max_seq_len: int = 2048
     dtype: str = "float32"  # compute dtype of activations; parameters keep their own
 
+    name: ClassVar[str] = "Llama-family"
+    # Every prefix mode: `hidden` projects through this family's norm and K/V weights
+    # (prefix._project_hidden), `input` runs the model on trainable embeddings.
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        kind="decoder", positions="rotary", prefix_modes=("kv", "hidden", "input"))
+    logical_axes: ClassVar[tuple] = LOGICAL_AXES
+
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
-
-
-# Logical names of every parameter's dimensions, by path regex (for `sharding.regex_axes`):
-# `config.mesh.rules` maps them to mesh axes (FSDP over `embed`, tensor parallel over heads/mlp).
-LOGICAL_AXES = (
-    (r"embed_tokens/embedding$", ("vocab", "embed")),
-    (r"layers/q_proj/kernel$", ("layers", "embed", "heads")),
-    (r"layers/(k_proj|v_proj)/kernel$", ("layers", "embed", "kv_heads")),
-    (r"layers/o_proj/kernel$", ("layers", "heads", "embed")),
-    (r"layers/(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
-    (r"layers/down_proj/kernel$", ("layers", "mlp", "embed")),
-    (r"layers/\w+_layernorm/scale$", ("layers", "embed")),
-    (r"(^|/)norm/scale$", ("embed",)),
-    (r"lm_head/kernel$", ("embed", "vocab")),
-)
-
-# `remat` option -> what a layer keeps for the backward pass (the rest is recomputed).
-REMAT_POLICIES = {
-    "none": None,  # keep every activation (fastest; memory grows with sequence length)
-    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
-}
-
-
-class KV(NamedTuple):
-    """Keys and values, `[L, B, S, n_kv_heads, head_dim]` each (a prefix or a decoding cache)."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin `[B, T, head_dim]` in the half-split layout used by HF Llama checkpoints."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x` `[B, T, H, D]` by per-position angles `[B, T, D]`."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention without materializing repeated K/V.
-
-    q `[B, T, H, D]`, k and v `[B, S, K, D]` with H a multiple of K, mask `[B, T, S]` (True = may
-    attend). Returns `[B, T, H * D]`. A row with no allowed key (padding) gets a uniform average,
-    never NaN.
-    """
-    b, t, h, d = q.shape
-    n_kv = k.shape[2]
-    q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
-    scores = scores.astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h * d)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (normed * scale).astype(x.dtype)
-
-
-def prepend_prefix(prefix: KV | None, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One layer's keys and values `[B, T, K, D]` with the prefix's `[B | 1, P, K, D]` in front.
-
-    A prefix shared by the batch arrives with B=1; broadcasting it here keeps the trainable
-    array small and lets rows carry their own prefixes when B matches."""
-    if prefix is None:
-        return k, v
-    b = k.shape[0]
-    pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
-    pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
-    return jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
-
-
-def layer_keys_values(k: jax.Array, v: jax.Array, prefix: KV | None, cache: KV | None,
-                      cache_index) -> tuple[jax.Array, jax.Array, KV]:
-    """(keys, values) a decoder layer attends over, and the K/V it returns: with a cache, this
-    call's `k`, `v` written at `cache_index` (the prefix is already in its first slots);
-    without one, `concat(prefix, k/v)` and this sequence's own K/V."""
-    if cache is not None:
-        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
-                                                   cache_index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
-                                                     cache_index, axis=1)
-        return keys, values, KV(keys, values)
-    keys, values = prepend_prefix(prefix, k, v)
-    return keys, values, KV(k, v)
 
 
 class RMSNorm(nn.Module):
@@ -164,8 +101,7 @@ class DecoderLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
         self.sow("intermediates", "layer_input", x)
-        if key_mask is not None:  # this layer's extra mask over key slots (prefix layer subsets)
-            mask = mask & key_mask[None, None, :]
+        mask = with_layer_keys(mask, key_mask)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm")(x)
         q = _dense(cfg.n_heads * cfg.head_dim, "q_proj", dtype)(h).reshape(b, t, cfg.n_heads, -1)
         k = _dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", dtype)(h).reshape(
@@ -274,17 +210,3 @@ class Llama(nn.Module):
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
 
-
-def causal_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
-    """`[B, T, P + T]` mask for a (possibly packed, right-padded) batch without a cache.
-
-    segment_ids `[B, T]`: 0 for padding, k > 0 for the k-th sequence packed in the row. Every
-    query sees all P prefix slots; real tokens see earlier tokens of their own segment only.
-    """
-    t = segment_ids.shape[1]
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
-    real = (segment_ids > 0)[:, None, :]
-    seq_mask = same & causal & real
-    prefix_mask = jnp.ones((*segment_ids.shape, n_prefix), dtype=bool)
-    return jnp.concatenate([prefix_mask, seq_mask], axis=-1)

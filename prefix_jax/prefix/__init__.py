@@ -17,7 +17,7 @@ and the bank see one thing whatever the variant:
 - `placement='infix'` (Table 5): the slots are seen only from the last source token on, i.e. by
   the queries that predict the target, not by the source.
 - `layers` (kv/hidden): all, `top:K`, `bottom:K` or a list `0,3,-1`; the other layers get no
-  prefix (their slots are masked: `key_mask`).
+  prefix (their slots are masked: `masks.key_mask`; every mask is built in masks.py).
 - `reparam='mlp'`: embedding `[P, d]` -> Linear(d, mlp_hidden) -> tanh -> Linear(mlp_hidden, the
   flat prefix of one slot), as in Li & Liang; `eject` keeps only its output.
 
@@ -36,15 +36,7 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models.llama import (
-    KV,
-    Llama,
-    LlamaConfig,
-    apply_rope,
-    causal_mask,
-    rms_norm,
-    rope_angles,
-)
+from prefix_jax.models.core import KV, apply_rope, causal_mask, rms_norm, rope_angles
 from prefix_jax.prefix import positions
 
 MODES = ("kv", "hidden", "input")
@@ -163,9 +155,7 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg, num_prefixes: int = 
         if prefix_cfg[field] not in allowed:
             raise UserError(f"prefix.{field}={prefix_cfg[field]!r} is not one of {allowed}")
     mode = prefix_cfg.mode
-    if mode != "kv" and not isinstance(model_cfg, LlamaConfig):
-        raise UserError(f"prefix.mode={mode!r} is implemented for Llama-family models; use "
-                        "prefix.mode='kv' with this model")
+    model_cfg.capabilities.require_prefix_mode(mode, model_cfg.name)
     layers = parse_layers(prefix_cfg.layers, model_cfg.n_layers)
     if mode == "input" and prefix_cfg.layers != "all":
         raise UserError("prefix.mode='input' (prompt tuning) enters at the input only; "
@@ -187,14 +177,12 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg, num_prefixes: int = 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
-    """What a decoder must know of a trained prefix besides its keys and values."""
+    """What a decoder (and every mask, see masks.py) must know of a trained prefix besides its
+    keys and values. Hashable: it is part of the decoder's static settings."""
 
     position_offset: int = 0  # where real tokens' positions start (0, or P)
     prefix_layers: tuple[int, ...] | None = None  # layers the prefix acts in (None = all)
     infix: bool = False  # slots seen only from the last prompt token on
-
-    def as_kwargs(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def decode_options(prefix_cfg: ml_collections.ConfigDict, model_cfg) -> DecodeOptions:
@@ -206,34 +194,12 @@ def decode_options(prefix_cfg: ml_collections.ConfigDict, model_cfg) -> DecodeOp
         infix=prefix_cfg.get("placement", "prefix") == "infix")
 
 
-def key_mask(prefix_layers: tuple[int, ...] | None, n_layers: int, n_prefix: int,
-             n_keys: int) -> jax.Array | None:
-    """`[L, n_keys]`: False on the first `n_prefix` key slots of layers without the prefix."""
-    if prefix_layers is None:
-        return None
-    on = np.zeros(n_layers, bool)
-    on[list(prefix_layers)] = True
-    return key_mask_from(jnp.asarray(on), n_prefix, n_keys)
-
-
-def key_mask_from(layer_on: jax.Array, n_prefix: int, n_keys: int) -> jax.Array:
-    """`key_mask` from a (possibly traced) `[L]` bool of the layers that keep the prefix."""
-    is_prefix_slot = jnp.arange(n_keys) < n_prefix
-    return layer_on[:, None] | ~is_prefix_slot[None, :]
-
-
 def _to_all_layers(x: jax.Array, module: Prefix) -> jax.Array:
     """`[L', ...]` for the chosen layers -> `[L, ...]`, zeros where there is no prefix."""
     if len(module.layers) == module.n_layers:
         return x
     return jnp.zeros((module.n_layers, *x.shape[1:]), x.dtype).at[
         jnp.asarray(module.layers)].set(x)
-
-
-def _require_llama(base_module, mode: str) -> None:
-    if not isinstance(base_module, Llama):
-        raise UserError(f"prefix.mode={mode!r} is implemented for Llama-family models; use "
-                        "prefix.mode='kv' with this model")
 
 
 def to_kv(module: Prefix, flat: dict, base_module, base_params: dict) -> KV:
@@ -244,8 +210,8 @@ def to_kv(module: Prefix, flat: dict, base_module, base_params: dict) -> KV:
         else:
             k, v = flat["key"][:, None], flat["value"][:, None]
         return KV(_to_all_layers(k, module), _to_all_layers(v, module))
-    _require_llama(base_module, module.mode)
     cfg = base_module.config
+    cfg.capabilities.require_prefix_mode(module.mode, cfg.name)
     if module.mode == "hidden":
         return _project_hidden(flat["hidden"], module, cfg, base_params)
     p = module.length
@@ -309,7 +275,7 @@ def init(module: Prefix, rng: jax.Array, prefix_cfg: ml_collections.ConfigDict |
         return params
     if base is None:
         raise ValueError(f"prefix.init={method!r} needs the base model")
-    if not hasattr(base.module, "logits"):  # an encoder (BERT): no causal activations to copy
+    if base.config.capabilities.kind != "decoder":  # an encoder: no causal activations to copy
         raise UserError(f"prefix.init={method!r} reads a decoder's activations; use "
                         "prefix.init='random' or 'zero' with this model")
     if method == "text":

@@ -5,10 +5,10 @@
   prefix-tuning adapter reproduces only under this convention, for every base model: prefix keys
   carry no position, but queries do (RoPE rotates them by their absolute position; GPT-2 adds a
   learned position embedding to the input), so shifting real tokens by P changes the output.
-- `auto` (default): `after_prefix` for models with learned absolute positions (GPT-2), where
+- `auto` (default): `after_prefix` for decoders with learned absolute positions (GPT-2), where
   PEFT adapters should load unchanged, and for prompt tuning (mode `input`: the prompt is real
-  input); `zero` otherwise (RoPE models, this project's original convention, kept so earlier
-  runs and results stay as they were).
+  input); `zero` otherwise (RoPE models and encoders, this project's original convention, kept
+  so earlier runs and results stay as they were).
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ def resolve(positions: str, model_config, mode: str = "kv") -> str:
     """'zero' or 'after_prefix' for a `prefix.positions` value, a base model's config and the
     prefix mode (prompt tuning, mode 'input', puts real tokens after the prompt)."""
     if positions == "auto":
-        from prefix_jax.models.gpt2 import GPT2Config  # lazily: configs.py imports this module
-
-        after = isinstance(model_config, GPT2Config) or mode == "input"
-        return "after_prefix" if after else "zero"
+        caps = model_config.capabilities
+        learned_decoder = caps.kind == "decoder" and caps.positions == "learned"
+        return "after_prefix" if learned_decoder or mode == "input" else "zero"
     return positions
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from prefix_jax import configs, models, prefix
 from prefix_jax.errors import UserError
-from prefix_jax.models.llama import KV
+from prefix_jax.models.core import KV
 from prefix_jax.training import checkpoint
 
 

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax import prefix as prefix_lib
-from prefix_jax.models.llama import KV, Llama
+from prefix_jax.models.backbone import Backbone
+from prefix_jax.models.core import KV
+from prefix_jax.prefix import masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +40,8 @@ class DecodeSettings:
     temperature: float = 1.0  # sampling: logits / temperature
     top_k: int = 0  # sampling: keep the k most likely tokens; 0 = all
     top_p: float = 1.0  # sampling: keep the smallest set of tokens with this much probability
-    position_offset: int = 0  # where real tokens' positions start (0, or P as HF/PEFT do)
-    prefix_layers: tuple[int, ...] | None = None  # layers the prefix acts in (None = all)
-    infix: bool = False  # prefix slots seen only from the last prompt token on (infix placement)
+    # the trained prefix's positions, layers and placement (prefix.decode_options)
+    prefix: prefix_lib.DecodeOptions = dataclasses.field(default_factory=prefix_lib.DecodeOptions)
 
     def __post_init__(self):
         checks = [
@@ -82,7 +83,7 @@ class _Cache(NamedTuple):
     key_mask: jax.Array | None  # [L, S]: False on the prefix slots of layers without a prefix
 
 
-def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+def _prefill(module: Backbone, params: dict, prefix: KV | None, tokens: jax.Array,
              valid: jax.Array, settings: DecodeSettings) -> tuple[jax.Array, _Cache]:
     """The prompts over a fresh cache (prefix already in it); next-token logits `[B, V]`."""
     cfg = module.config
@@ -102,15 +103,8 @@ def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
             for c, p in zip(kv, prefix)))
     slot_valid = jnp.concatenate([jnp.ones((b, n_prefix), bool), valid,
                                   jnp.ones((b, max_new_tokens), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + settings.position_offset
-    query_slots = n_prefix + jnp.arange(t)
-    mask = slot_valid[:, None, :] & (jnp.arange(n_slots)[None, None, :]
-                                     <= query_slots[None, :, None])
-    if settings.infix:  # the source does not see the infix; its last token (which predicts
-        # the first generated token) and every generated token do
-        sees = (jnp.arange(n_slots) >= n_prefix)[None, :] | (jnp.arange(t) == t - 1)[:, None]
-        mask = mask & sees[None]
-    key_mask = prefix_lib.key_mask(settings.prefix_layers, cfg.n_layers, n_prefix, n_slots)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + settings.prefix.position_offset
+    mask, key_mask = masks.prefill(settings.prefix, slot_valid, n_prefix, t, cfg.n_layers)
     hidden, kv = module.apply({"params": params}, tokens, positions, mask, cache=kv,
                               cache_index=n_prefix, return_hidden=True, key_mask=key_mask)
     logits = module.apply({"params": params}, hidden[:, -1], method="logits")
@@ -118,11 +112,10 @@ def _prefill(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
                                               positions[:, -1] + 1, key_mask)
 
 
-def _step(module: Llama, params: dict, cache: _Cache, token: jax.Array
+def _step(module: Backbone, params: dict, cache: _Cache, token: jax.Array
           ) -> tuple[jax.Array, _Cache]:
     """Feed one token per row `[B]`; next-token logits `[B, V]` and the advanced cache."""
-    n_slots = cache.slot_valid.shape[1]
-    mask = cache.slot_valid[:, None, :] & (jnp.arange(n_slots) <= cache.next_slot)[None, None]
+    mask = masks.step(cache.slot_valid, cache.next_slot)
     logits, kv = module.apply({"params": params}, token[:, None], cache.next_position[:, None],
                               mask, cache=cache.kv, cache_index=cache.next_slot,
                               key_mask=cache.key_mask)
@@ -158,7 +151,7 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: floa
     return logits
 
 
-def _greedy_or_sample(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+def _greedy_or_sample(module: Backbone, params: dict, prefix: KV | None, tokens: jax.Array,
                       valid: jax.Array, settings: DecodeSettings, rng: jax.Array) -> Decoded:
     b = tokens.shape[0]
     n = settings.max_new_tokens
@@ -192,7 +185,7 @@ def _greedy_or_sample(module: Llama, params: dict, prefix: KV | None, tokens: ja
     return Decoded(out, score)
 
 
-def _beam_search(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array,
+def _beam_search(module: Backbone, params: dict, prefix: KV | None, tokens: jax.Array,
                  valid: jax.Array, settings: DecodeSettings) -> Decoded:
     """Beam search over `num_beams` hypotheses per prompt.
 
@@ -259,7 +252,7 @@ def _beam_search(module: Llama, params: dict, prefix: KV | None, tokens: jax.Arr
 
 
 @functools.partial(jax.jit, static_argnames=("module", "settings"))
-def decode(module: Llama, params: dict, prefix: KV | None, tokens: jax.Array, valid: jax.Array,
+def decode(module: Backbone, params: dict, prefix: KV | None, tokens: jax.Array, valid: jax.Array,
            settings: DecodeSettings, rng: jax.Array | None = None) -> Decoded:
     """Continue left-padded prompts (`tokens`, `valid`: `[B, T]`, see `left_pad`).
 
@@ -288,7 +281,8 @@ def decode_texts(tokenizer, generated: np.ndarray, stop_ids: tuple[int, ...]) ->
 
 def settings_for(tokenizer, max_new_tokens: int, extra_stop_ids: tuple[int, ...] = (),
                  **kwargs) -> DecodeSettings:
-    """Settings that stop at the tokenizer's EOS (plus `extra_stop_ids`) and pad with its pad id."""
+    """Settings that stop at the tokenizer's EOS (plus `extra_stop_ids`) and pad with its pad id;
+    `kwargs` are the other DecodeSettings fields (`prefix=` a trained prefix's options)."""
     from prefix_jax import models
 
     stop = (tokenizer.eos_token_id, *extra_stop_ids)
@@ -296,7 +290,7 @@ def settings_for(tokenizer, max_new_tokens: int, extra_stop_ids: tuple[int, ...]
                           pad_id=models.pad_id(tokenizer), **kwargs)
 
 
-def generate(module: Llama, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
+def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
              batch_size: int, settings: DecodeSettings, prefix_rows: list[int] | None = None,
              seed: int = 0) -> list[str]:
     """Generations for prompt strings, in batches (the last batch padded to full size).

@@ -14,7 +14,8 @@ import time
 
 from prefix_jax import configs
 from prefix_jax.errors import UserError
-from prefix_jax.models.llama import KV, Llama
+from prefix_jax.models.backbone import Backbone
+from prefix_jax.models.core import KV
 from prefix_jax.serving import bank, decoding
 from prefix_jax.tasks import dart, e2e, metrics
 
@@ -50,7 +51,7 @@ def check_can_score(task: str) -> None:
                         "install a JRE, e.g. apt-get install default-jre-headless")
 
 
-def evaluate_split(module: Llama, params: dict, prefix: KV | None, tokenizer,
+def evaluate_split(module: Backbone, params: dict, prefix: KV | None, tokenizer,
                    workdir: str | None,
                    task: str, run_task: str, data_dir: str, split: str,
                    settings: decoding.DecodeSettings, batch_size: int, limit: int = 0,
@@ -103,8 +104,7 @@ def evaluate_workdir(workdir: str, split: str, task: str | None = None,
         data_dir = config.data.dir if task == run_task else configs.default_data_dir(task)
     tokenizer = run.base.tokenizer
     settings = decoding.settings_for(tokenizer, max_new_tokens, num_beams=num_beams,
-                                     length_penalty=length_penalty,
-                                     **run.options.as_kwargs())
+                                     length_penalty=length_penalty, prefix=run.options)
     return evaluate_split(run.base.module, run.base.params, run.row(0), tokenizer, workdir, task,
                           run_task, data_dir, split, settings, batch_size, limit,
                           extra={"step": run.steps[0], "data_dir": data_dir})

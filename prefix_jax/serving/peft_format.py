@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models.llama import KV
+from prefix_jax.models.core import KV
 from prefix_jax.prefix import positions
 
 WEIGHTS_FILE = "adapter_model.safetensors"

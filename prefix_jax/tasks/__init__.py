@@ -56,9 +56,7 @@ def get(config: ml_collections.ConfigDict) -> Task:
 
 def check_model(task: Task, loaded) -> None:
     """The loaded base fits the task (a classifier needs an encoder with a head, and back)."""
-    from prefix_jax.models.bert import BertConfig
-
-    kind = "bert" if isinstance(loaded.config, BertConfig) else "llama"
+    kind = "bert" if loaded.config.capabilities.kind == "encoder" else "llama"
     if kind != task.model_kind:
         raise UserError(f"data.task={task.name!r} needs a {task.model_kind} model but "
                         f"model.path={loaded.source} is a {kind}; use "
@@ -151,17 +149,17 @@ def classify(model, params: dict, batch: dict[str, jax.Array], with_prefix: bool
              prefix_dropout_rng: jax.Array | None = None) -> jax.Array:
     """Class logits `[B, num_labels]` of a batch; the prefix in its layers when `with_prefix`.
     Dropout (the head's, the prefix's) runs only when its rng is given."""
-    from prefix_jax.models.bert import Bert, bidirectional_mask
+    from prefix_jax.models.bert import Bert
+    from prefix_jax.prefix import masks
 
-    kv, offset, key_mask = None, 0, None
+    kv, options = None, prefix.DecodeOptions()
     if with_prefix:
         kv = prefix.select(model.prefix_kv(params, prefix_dropout_rng), batch.get("prefix_ids"))
-        offset = model.options.position_offset
+        options = model.options
+    offset = options.position_offset
     base = {"params": params["base"]}
-    mask = bidirectional_mask(batch["segment_ids"], prefix.length(kv))
-    if with_prefix:
-        key_mask = prefix.key_mask(model.options.prefix_layers, model.prefix.n_layers,
-                                   prefix.length(kv), mask.shape[-1])
+    mask, key_mask = masks.encoder(options, batch["segment_ids"], prefix.length(kv),
+                                   model.prefix.n_layers)
     hidden = model.base.apply(base, batch["tokens"], batch["positions"] + offset, mask,
                               prefix=kv, key_mask=key_mask)
     rngs = {} if dropout_rng is None else {"dropout": dropout_rng}

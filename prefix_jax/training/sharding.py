@@ -2,7 +2,7 @@
 
 The mesh has three named axes, `data`, `fsdp` and `tensor` (sizes from `config.mesh`, -1 = all
 remaining devices). Every parameter dimension has a logical name (`embed`, `heads`, `mlp`, ...,
-given per parameter path by the model, see `models.llama.LOGICAL_AXES`); `config.mesh.rules`
+given per parameter path by the model's own `config.logical_axes`); `config.mesh.rules`
 maps logical names to mesh axes, MaxText style. With the default rules
 (`configs.DEFAULT_MESH_RULES`) the frozen base is FSDP-sharded over `fsdp` and tensor-parallel
 over `tensor`, the prefix is replicated, and batches are split over `data` x `fsdp`. Optimizer

@@ -1,0 +1,134 @@
+"""What every backbone shares: the K/V container, grouped-query attention, the base attention
+masks, RMSNorm, rotary positions, prefix concatenation and the remat policies.
+
+A backbone (llama.py, gpt2.py, bert.py) builds its own layers from these; code outside models/
+imports them from here, never from one backbone's file. The masks here know nothing about prefix
+variants (infix, layer subsets): `prefix.masks` builds those on top of them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+# `remat` option -> what a layer keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (fastest; memory grows with sequence length)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only each layer's input
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+class KV(NamedTuple):
+    """Keys and values, `[L, B, S, n_kv_heads, head_dim]` each (a prefix or a decoding cache)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, head_dim]` in the half-split layout used by HF Llama checkpoints."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x` `[B, T, H, D]` by per-position angles `[B, T, D]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * scale).astype(x.dtype)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention without materializing repeated K/V.
+
+    q `[B, T, H, D]`, k and v `[B, S, K, D]` with H a multiple of K, mask `[B, T, S]` (True = may
+    attend). Returns `[B, T, H * D]`. A row with no allowed key (padding) gets a uniform average,
+    never NaN.
+    """
+    b, t, h, d = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(b, t, n_kv, h // n_kv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
+    scores = scores.astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * d)
+
+
+def with_layer_keys(mask: jax.Array, key_mask: jax.Array | None) -> jax.Array:
+    """One layer's mask `[B, T, S]` narrowed by its row `[S]` of a per-layer key mask (a prefix
+    that acts in some layers only keeps its slots everywhere and hides them where it is off)."""
+    return mask if key_mask is None else mask & key_mask[None, None, :]
+
+
+def prepend_prefix(prefix: KV | None, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's keys and values `[B, T, K, D]` with the prefix's `[B | 1, P, K, D]` in front.
+
+    A prefix shared by the batch arrives with B=1; broadcasting it here keeps the trainable
+    array small and lets rows carry their own prefixes when B matches."""
+    if prefix is None:
+        return k, v
+    b = k.shape[0]
+    pk = jnp.broadcast_to(prefix.k, (b, *prefix.k.shape[1:])).astype(k.dtype)
+    pv = jnp.broadcast_to(prefix.v, (b, *prefix.v.shape[1:])).astype(v.dtype)
+    return jnp.concatenate([pk, k], axis=1), jnp.concatenate([pv, v], axis=1)
+
+
+def layer_keys_values(k: jax.Array, v: jax.Array, prefix: KV | None, cache: KV | None,
+                      cache_index) -> tuple[jax.Array, jax.Array, KV]:
+    """(keys, values) a decoder layer attends over, and the K/V it returns: with a cache, this
+    call's `k`, `v` written at `cache_index` (the prefix is already in its first slots);
+    without one, `concat(prefix, k/v)` and this sequence's own K/V."""
+    if cache is not None:
+        keys = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype),
+                                                   cache_index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype),
+                                                     cache_index, axis=1)
+        return keys, values, KV(keys, values)
+    keys, values = prepend_prefix(prefix, k, v)
+    return keys, values, KV(k, v)
+
+
+def causal_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
+    """`[B, T, P + T]` mask for a (possibly packed, right-padded) batch without a cache.
+
+    segment_ids `[B, T]`: 0 for padding, k > 0 for the k-th sequence packed in the row. Every
+    query sees all P prefix slots; real tokens see earlier tokens of their own segment only.
+    """
+    t = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))[None]
+    real = (segment_ids > 0)[:, None, :]
+    seq_mask = same & causal & real
+    prefix_mask = jnp.ones((*segment_ids.shape, n_prefix), dtype=bool)
+    return jnp.concatenate([prefix_mask, seq_mask], axis=-1)
+
+
+def bidirectional_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
+    """`[B, T, P + T]`: every query sees all P prefix slots and every real token of its own
+    segment (0 = padding, never seen). Padding queries see the prefix too (their outputs are
+    never read), so no row is empty."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    real = (segment_ids > 0)[:, None, :]
+    prefix_mask = jnp.ones((*segment_ids.shape, n_prefix), dtype=bool)
+    return jnp.concatenate([prefix_mask, same & real], axis=-1)
+
+
+def cache_mask(slot_valid: jax.Array, query_slots: jax.Array) -> jax.Array:
+    """`[B, T, S]` over a decoding cache: query t (written at slot `query_slots[t]`) sees the
+    valid slots (`slot_valid` `[B, S]`, False on left padding) up to its own."""
+    n_slots = slot_valid.shape[1]
+    return slot_valid[:, None, :] & (jnp.arange(n_slots)[None, None, :]
+                                     <= query_slots[None, :, None])
