@@ -15,9 +15,10 @@ Writes into OUT:
   metric_vs_trainable_params.png  the same against trainable parameters (log scale)
 A workdir that is missing, has no config.json, or holds an unreadable file is an error (exit 2).
 
-Each workdir is read into one record (`read_runs`) before anything is written. A workdir holds config.json (the run's config), params.json (trainable and base parameter
-counts), metrics.jsonl (`train/*` and `eval/*` scalars by step), results.json (the final
-metrics, once the run has finished) and checkpoints/<step>/.
+Each workdir is read into one record (`read_runs`) before anything is written. A workdir holds
+config.json (the run's config), params.json (trainable and base parameter counts),
+metrics.jsonl (`train/*` and `eval/*` scalars by step), results.json (the final metrics, once
+the run has finished) and checkpoints/<step>/.
 """
 
 from __future__ import annotations

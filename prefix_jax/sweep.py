@@ -38,7 +38,6 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
-
 from absl import flags
 
 from prefix_jax import cli, configs
