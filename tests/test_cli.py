@@ -27,7 +27,7 @@ def test_every_tool_answers_help(tool, flag, capsys):
                          ids=["unknown-flag", "positional"])
 @pytest.mark.parametrize("tool", TOOLS)
 def test_a_bad_flag_is_one_error_line_and_exit_2(tool, args, capsys):
-    status, out, err = run_tool(tool, *args, capsys=capsys)
+    status, _, err = run_tool(tool, *args, capsys=capsys)
     assert status == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err
