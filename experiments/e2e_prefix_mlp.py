@@ -5,7 +5,8 @@ embedding -> Linear(d, 512) -> tanh -> Linear(512, per-layer keys/values), lr 8e
 on our CPU budget a larger lr. After training, `python -m prefix_jax.eject` drops the MLP.
 
   python -m prefix_jax.main --config=experiments/e2e_prefix_mlp.py --workdir=runs/e2e_prefix_mlp
-  python scripts/sweep.py experiments/e2e_prefix_mlp.py --root runs/sweeps --filter length
+  python -m prefix_jax.sweep --config=experiments/e2e_prefix_mlp.py --root=runs/sweeps \
+      --filter=length
 """
 
 import ml_collections

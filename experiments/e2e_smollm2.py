@@ -6,8 +6,8 @@ Smoke run on a tiny random model (tests, CI):
   python -m prefix_jax.main --config=experiments/e2e_smollm2.py:runlocal --workdir=/tmp/e2e_tiny
 
 Every ablation of SWEEP, one run each, then the table and figures:
-  python scripts/sweep.py experiments/e2e_smollm2.py --root runs/sweeps --filter length
-  python scripts/compare.py runs/sweeps/e2e_smollm2/* --out runs/sweeps/e2e_smollm2_length
+  python -m prefix_jax.sweep --config=experiments/e2e_smollm2.py --root=runs/sweeps --filter=length
+  python -m prefix_jax.compare --workdir='runs/sweeps/e2e_smollm2/*' --out=runs/sweeps/length
 
 Expected: see README.md (dev BLEU of the untuned and the tuned model on 200 dev MRs, greedy).
 """
@@ -17,7 +17,7 @@ import ml_collections
 from experiments import sweeps
 from prefix_jax import configs
 
-# Ablations (scripts/sweep.py runs them, one workdir each; see experiments/sweeps.py):
+# Ablations (prefix_jax.sweep runs them, one workdir each; see experiments/sweeps.py):
 # prefix length 1..40, depth, init, and the low-data protocol (50..500 examples x 5 subsets x
 # 2 seeds).
 SWEEP = sweeps.lengths() + sweeps.depths() + sweeps.inits() + sweeps.low_data()

@@ -1,11 +1,11 @@
 """Builders of `SWEEP` lists: the ablations of the Prefix-Tuning paper as config overrides.
 
-The SWEEP contract (read by scripts/sweep.py and tests/test_experiments.py): an experiment file
+The SWEEP contract (read by prefix_jax.sweep and tests/test_experiments.py): an experiment file
 `experiments/NAME.py` has `get_config(arg)` and may have a module-level `SWEEP`, a list of dicts.
 Each dict is one run: its keys are dotted config paths (`"prefix.length"`, `"seed"`) and its
 values replace that field of `get_config(arg)`, exactly as `--config.prefix.length=5` would. The
 key `"name"` is not a config field: it names the entry's group ("length", "low_data", ...) so
-that `scripts/sweep.py --filter` can pick groups. An empty dict (besides "name") is the
+that `prefix_jax.sweep --filter` can pick groups. An empty dict (besides "name") is the
 experiment's own config. More in experiments/README.md.
 
     SWEEP = sweeps.lengths() + sweeps.low_data()

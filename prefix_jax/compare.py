@@ -1,21 +1,50 @@
-"""Training runs side by side: what each workdir holds, read into one record per run, and the
-markdown table of the ablation (scripts/compare.py draws the figures from the same records).
+r"""Compare training runs: a markdown table and matplotlib figures of an ablation.
 
-A workdir holds config.json (the run's config), params.json (trainable and base parameter
-counts), metrics.jsonl (`train/*` and `eval/*` scalars by step), results.json (the final
-metrics, once the run has finished) and checkpoints/<step>/.
+  python -m prefix_jax.compare --workdir='runs/sweeps/e2e_smollm2/prefix.length=*' --out=docs/length
+  python -m prefix_jax.compare --workdir=runs/p10 --workdir=runs/prompt --out=/tmp/cmp
+
+--workdir is repeatable, and a quoted glob pattern names every workdir it matches (sorted).
+Writes into OUT:
+  table.md                        one row per run: the config fields that differ between the
+                                  runs, trainable parameters and %, best and final dev metrics,
+                                  train tokens/s, checkpoint size
+  loss_curves.png                 train loss against step, every run
+  metric_vs_prefix_length.png     best dev metrics (and final train loss) against prefix.length,
+                                  one line per value of the other differing fields (only when
+                                  prefix.length differs)
+  metric_vs_trainable_params.png  the same against trainable parameters (log scale)
+A workdir that is missing, has no config.json, or holds an unreadable file is an error (exit 2).
+
+Each workdir is read into one record (`read_runs`) before anything is written. A workdir holds
+config.json (the run's config), params.json (trainable and base parameter counts),
+metrics.jsonl (`train/*` and `eval/*` scalars by step), results.json (the final metrics, once
+the run has finished) and checkpoints/<step>/.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
 import re
 from typing import Any
 
+from absl import flags
+
+from prefix_jax import cli
 from prefix_jax.errors import UserError
+
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_multi_string(
+    "workdir", None, "A training run's workdir, or a quoted glob pattern of several; repeat.",
+    flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Where the table and figures go (created; files of an "
+                           "earlier compare are replaced).", flag_values=FLAGS)
+_IGNORE = flags.DEFINE_string("ignore", "", "Regex of config fields to leave out of the table "
+                              "and legends (e.g. fields that differ only because the runs came "
+                              "from different code versions).", flag_values=FLAGS)
 
 MISSING = "—"  # a cell whose run has no such value (an older or unfinished run)
 # Metrics where a smaller value is better (every E2E/DART score is better when larger).
@@ -216,3 +245,153 @@ def table(records: list[RunRecord], ignore: str = "") -> str:
     if unfinished:
         notes.append(f"Unfinished (no results.json): {', '.join(unfinished)}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+# ---- Figures and the tool ------------------------------------------------------------------
+
+LENGTH = "prefix.length"
+FINAL_LOSS = "final train/loss"
+
+
+def panel_values(records, metric: str) -> list[float | None]:
+    if metric == FINAL_LOSS:
+        return [(s[-1][1] if (s := r.series("train/loss")) else None) for r in records]
+    return [r.best(metric) for r in records]
+
+
+def panels(records) -> list[str]:
+    metrics = sorted({m for r in records for m in r.eval_metrics()})
+    return [*metrics, FINAL_LOSS]
+
+
+def save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+
+def plot_loss_curves(plt, records, fields, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in records:
+        series = r.series("train/loss")
+        if series:
+            steps, values = zip(*series)
+            ax.plot(steps, values, marker="." if len(series) < 20 else None,
+                    label=describe(r, fields))
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=7 if len(records) <= 12 else 5, loc="upper left",
+                  bbox_to_anchor=(1.01, 1.0))
+    save(fig, path)
+    plt.close(fig)
+
+
+def plot_against(plt, records, x_of, x_label: str, log_x: bool, path: str,
+                 group_fields: list[str]) -> None:
+    """One panel per metric; one line per group (runs equal in `group_fields`)."""
+    names = panels(records)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    groups: dict[str, list] = {}
+    for r in records:
+        groups.setdefault(describe(r, group_fields) if group_fields else "", []).append(r)
+    for ax, metric in zip(axes[0], names):
+        for name, members in groups.items():
+            points = sorted((x_of(r), y) for r, y in zip(members, panel_values(members, metric))
+                            if y is not None and x_of(r) is not None)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", label=name or None)
+        if log_x:
+            ax.set_xscale("log")
+        else:  # the swept values themselves (e.g. lengths 1, 5, 10, 20, 40)
+            ax.set_xticks(sorted({x for r in records if (x := x_of(r)) is not None}))
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
+        ax.grid(alpha=0.3)
+        if len(groups) > 1 and ax.has_data():
+            ax.legend(fontsize=6)
+    save(fig, path)
+    plt.close(fig)
+
+
+def plot_params(plt, records, fields, path: str) -> None:
+    """One panel per metric: each run a point at its trainable parameter count (log scale),
+    labelled by its differing fields (unlabelled past 12 runs: they would overlap)."""
+    names = panels(records)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], names):
+        for r, y in zip(records, panel_values(records, metric)):
+            x = (r.params or {}).get("trainable")
+            if y is None or not x:
+                continue
+            ax.scatter([x], [y], s=18)
+            if len(records) <= 12:
+                ax.annotate(describe(r, fields), (x, y), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters")
+        ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
+        ax.grid(alpha=0.3)
+    save(fig, path)
+    plt.close(fig)
+
+
+def expand_workdirs(patterns: list[str]) -> list[str]:
+    """Each --workdir as given, or, for a glob pattern naming no existing path, every directory
+    it matches (sorted): runs are named by pattern without the shell's expansion."""
+    workdirs = []
+    for pattern in patterns:
+        if os.path.exists(pattern) or not glob.has_magic(pattern):
+            workdirs.append(pattern)
+            continue
+        matches = sorted(p for p in glob.glob(pattern) if os.path.isdir(p))
+        if not matches:
+            raise UserError(f"--workdir={pattern} matches no directory; give training run "
+                            "workdirs")
+        workdirs.extend(matches)
+    return workdirs
+
+
+def main() -> None:
+    if not _WORKDIR.value or not _OUT.value:
+        cli.fail("--workdir (repeat it, or give a quoted glob) and --out are required: the "
+                 "runs to compare and the directory for the table and figures")
+    out = _OUT.value
+    if os.path.exists(out) and not os.path.isdir(out):
+        cli.fail(f"--out={out} is a file; give a directory")
+    try:
+        re.compile(_IGNORE.value)
+    except re.error as e:
+        cli.fail(f"--ignore={_IGNORE.value!r} is not a valid regex ({e})")
+
+    records = read_runs(expand_workdirs(_WORKDIR.value))  # all read before anything is written
+    fields = differing_fields(records, _IGNORE.value)
+    os.makedirs(out, exist_ok=True)
+    table_path = os.path.join(out, "table.md")
+    with open(table_path, "w", encoding="utf-8") as f:
+        f.write(table(records, _IGNORE.value))
+    print(f"wrote {table_path}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    plot_loss_curves(plt, records, fields, os.path.join(out, "loss_curves.png"))
+    if LENGTH in fields:
+        others = [f for f in fields if f != LENGTH]
+        plot_against(plt, records, lambda r: r.config.get(LENGTH), "prefix length",
+                     False, os.path.join(out, "metric_vs_prefix_length.png"), others)
+    if any(r.params for r in records):
+        plot_params(plt, records, fields, os.path.join(out, "metric_vs_trainable_params.png"))
+
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    run()

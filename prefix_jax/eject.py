@@ -1,7 +1,7 @@
 r"""Eject the MLP of a reparameterized prefix: a new workdir whose checkpoint holds only the flat
 prefix the MLP computes (Li & Liang train through the MLP and serve its output).
 
-  python -m prefix_jax.eject --workdir runs/e2e_prefix_mlp --out runs/e2e_prefix_mlp_flat
+  python -m prefix_jax.eject --workdir=runs/e2e_prefix_mlp --out=runs/e2e_prefix_mlp_flat
 
 The new workdir has the run's config with `prefix.reparam='none'` (and no prefix dropout), the
 same step, the flat prefix as trainable state with a fresh optimizer state (a run resumed from
@@ -14,7 +14,14 @@ from __future__ import annotations
 import json
 import os
 
+from absl import flags
+
 from prefix_jax import cli
+
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A run with prefix.reparam='mlp'.",
+                               flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "New workdir for the flat prefix.", flag_values=FLAGS)
 
 
 def eject_workdir(workdir: str, out: str) -> dict:
@@ -77,14 +84,16 @@ def eject_workdir(workdir: str, out: str) -> dict:
 
 
 def main() -> None:
-    parser = cli.Parser(prog="python -m prefix_jax.eject", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="a run with prefix.reparam='mlp'")
-    parser.add_argument("--out", required=True, help="new workdir for the flat prefix")
-    args = parser.parse_args()
-    summary = eject_workdir(args.workdir, args.out)
+    if not _WORKDIR.value or not _OUT.value:
+        cli.fail("--workdir and --out are required: the MLP run and a new workdir")
+    summary = eject_workdir(_WORKDIR.value, _OUT.value)
     print(f"ejected step {summary['step']}: {summary['mlp_params']:,} MLP-prefix parameters -> "
-          f"{summary['flat_params']:,} flat prefix parameters in {args.out}")
+          f"{summary['flat_params']:,} flat prefix parameters in {_OUT.value}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

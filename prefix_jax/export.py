@@ -1,7 +1,7 @@
 r"""Export a trained prefix as an HF PEFT prefix-tuning adapter.
 
-  python -m prefix_jax.export --workdir runs/e2e --out adapters/e2e
-  python -m prefix_jax.export --workdir runs/multi --task 1 --out adapters/task1
+  python -m prefix_jax.export --workdir=runs/e2e --out=adapters/e2e
+  python -m prefix_jax.export --workdir=runs/multi --task_index=1 --out=adapters/task1
 
 Writes `adapter_model.safetensors` and `adapter_config.json` (peft_format.py) from the run's
 newest checkpoint; load them in torch with `PeftModel.from_pretrained(base_model, OUT)` where
@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import os
 
+from absl import flags
+
 from prefix_jax import cli
+
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "New directory for the PEFT adapter.", flag_values=FLAGS)
+_TASK_INDEX = flags.DEFINE_integer("task_index", None,
+                                   "Multi-task runs: which task's prefix (0-based).",
+                                   flag_values=FLAGS)
 
 
 def export(workdir: str, out: str, task: int | None = None) -> str:
@@ -34,11 +43,11 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
     n_tasks = len(configs.task_dirs(config))
     if n_tasks > 1 and task is None:
         raise UserError(f"--workdir={workdir} trained {n_tasks} prefixes (one per task); a PEFT "
-                        f"adapter holds one: export them one at a time with --task K "
-                        f"(K = 0..{n_tasks - 1})")
+                        f"adapter holds one: export them one at a time with --task_index "
+                        f"K (K = 0..{n_tasks - 1})")
     task = task or 0
     if not 0 <= task < n_tasks:
-        raise UserError(f"--task={task} is out of range: the run has {n_tasks} task(s) "
+        raise UserError(f"--task_index={task} is out of range: the run has {n_tasks} task(s) "
                         f"(K = 0..{n_tasks - 1})")
     # Every mode computes fixed keys/values per layer (hidden states projected, a prompt run
     # through the model, an MLP's output): that is what PEFT stores, so each exports exactly.
@@ -81,16 +90,16 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
 
 
 def main() -> None:
-    parser = cli.Parser(prog="python -m prefix_jax.export", description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", required=True, help="a training run's directory")
-    parser.add_argument("--out", required=True, help="new directory for the PEFT adapter")
-    parser.add_argument("--task", type=int, default=None,
-                        help="multi-task runs: which task's prefix (0-based)")
-    args = parser.parse_args()
-    if not os.path.isdir(args.workdir):
-        cli.fail(f"--workdir={args.workdir} is not a directory; give a training run's workdir")
-    print(export(args.workdir, args.out, args.task))
+    if not _WORKDIR.value or not _OUT.value:
+        cli.fail("--workdir and --out are required: the run to export and a new directory")
+    if not os.path.isdir(_WORKDIR.value):
+        cli.fail(f"--workdir={_WORKDIR.value} is not a directory; give a training run's workdir")
+    print(export(_WORKDIR.value, _OUT.value, _TASK_INDEX.value))
+
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

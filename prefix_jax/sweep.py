@@ -1,7 +1,25 @@
-"""An experiment file's `SWEEP` as runs: each entry's overrides applied and validated, its
-workdir name (a readable slug of the overrides) and its `prefix_jax.main` command line.
+r"""Run an experiment file's SWEEP: one `prefix_jax.main` run per entry, each in its own workdir.
 
-The SWEEP contract is documented in experiments/sweeps.py and experiments/README.md.
+  python -m prefix_jax.sweep --config=experiments/e2e_smollm2.py --root=runs/sweeps --dry_run
+  python -m prefix_jax.sweep --config=experiments/e2e_smollm2.py --root=runs/sweeps --filter=length
+  python -m prefix_jax.sweep --config=experiments/e2e_smollm2.py:runlocal --root=/tmp/sweeps
+  python -m prefix_jax.sweep --config=experiments/e2e_smollm2.py --tpu=pod1 \
+      --zone=us-central2-b --bucket=gs://bkt/sweeps     # prints one pod launch per run
+
+Entry i (see experiments/sweeps.py for the SWEEP format) runs as
+  python -m prefix_jax.main --config=FILE[:ARG] --workdir=ROOT/EXPERIMENT/SLUG --config.a.b=V ...
+where EXPERIMENT is the file's name (plus `-ARG` with an ARG) and SLUG names the overrides
+(`prefix.length=5`, `data.train_examples=50,data.subsample_seed=3,seed=1`; `base` for none).
+Every entry is built and validated before anything runs. Runs go one after another; a run whose
+workdir has results.json is skipped, so rerunning the command resumes the sweep (an interrupted
+run resumes from its checkpoint). --filter REGEX keeps the entries whose group name or SLUG it
+matches. Then: python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
+Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry.
+
+The library half (`expand`, `slug`, ...) turns the SWEEP into runs: each entry's overrides
+applied and validated, its workdir name (a readable slug of the overrides) and its
+`prefix_jax.main` flags. The SWEEP contract is documented in experiments/sweeps.py and
+experiments/README.md.
 """
 
 from __future__ import annotations
@@ -12,14 +30,36 @@ import importlib.util
 import json
 import os
 import re
+import shlex
+import subprocess
 import sys
+import time
 from types import ModuleType
 from typing import Any
 
 import ml_collections
+from absl import flags
 
-from prefix_jax import configs
+from prefix_jax import cli, configs
 from prefix_jax.errors import UserError
+
+FLAGS = cli.flag_values()
+_CONFIG = flags.DEFINE_string("config", None, "An experiment file with a SWEEP list, and the "
+                              "arg of its get_config: FILE[:ARG], as prefix_jax.main takes it.",
+                              flag_values=FLAGS)
+_ROOT = flags.DEFINE_string("root", None, "Runs go to ROOT/EXPERIMENT/SLUG.", flag_values=FLAGS)
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.", flag_values=FLAGS)
+_FILTER = flags.DEFINE_string("filter", None, "Only entries whose group name or workdir slug "
+                              "this regex matches.", flag_values=FLAGS)
+_STOP_ON_ERROR = flags.DEFINE_bool("stop_on_error", False, "Stop at the first failed run "
+                                   "(default: run the rest).", flag_values=FLAGS)
+# A TPU pod: print one scripts/launch_tpu_pod.sh command per run instead of running.
+_TPU = flags.DEFINE_string("tpu", None, "TPU pod: the pod slice's name (prints launch lines).",
+                           flag_values=FLAGS)
+_ZONE = flags.DEFINE_string("zone", None, "TPU pod: its zone.", flag_values=FLAGS)
+_PROJECT = flags.DEFINE_string("project", None, "TPU pod: its project.", flag_values=FLAGS)
+_BUCKET = flags.DEFINE_string("bucket", None, "TPU pod: gs://BUCKET/DIR; runs go to "
+                              "DIR/EXPERIMENT/SLUG in the bucket.", flag_values=FLAGS)
 
 GROUP_KEY = "name"  # an entry's group ("length", "low_data", ...): not a config field
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,12 +84,14 @@ def load_experiment(path: str) -> ModuleType:
     if not os.path.isfile(path) or not path.endswith(".py"):
         raise UserError(f"{path}: not an experiment file; give a path like "
                         "experiments/e2e_smollm2.py")
-    if _REPO_ROOT not in sys.path:  # experiment files import `experiments.sweeps`
-        sys.path.insert(0, _REPO_ROOT)
     name = "_sweep_experiment_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except ModuleNotFoundError as e:
+        raise UserError(f"{path} imports {e.name!r}, which is not importable from "
+                        f"{os.getcwd()}; run from the checkout that holds it") from None
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"{path}: has no get_config(arg) function")
     return module
@@ -148,7 +190,7 @@ def expand(path: str, arg: str | None) -> list[Run]:
     try:
         get_config(module, arg)  # a bad --arg is not any one entry's fault
     except UserError as e:
-        raise UserError(f"{path} with --arg {arg!r}: {e}") from None
+        raise UserError(f"--config={path}:{arg}: {e}") from None
     runs: list[Run] = []
     seen: dict[str, Run] = {}
     for i, entry in enumerate(entries(module, path)):
@@ -176,3 +218,105 @@ def experiment_name(path: str, arg: str | None) -> str:
     sweep and the real one) never share, and so never skip, each other's workdirs."""
     name = os.path.splitext(os.path.basename(path))[0]
     return f"{name}-{_SAFE.sub('_', arg)}" if arg else name
+
+
+# ---- The tool -------------------------------------------------------------------------------
+
+def main() -> None:
+    if not _CONFIG.value:
+        cli.fail("--config is required: the experiment file, e.g. "
+                 "--config=experiments/e2e_smollm2.py[:runlocal]")
+    path, arg = cli.split_config(_CONFIG.value)
+    if _TPU.value is None and not _ROOT.value:
+        cli.fail("--root is required: the directory that holds the sweep's workdirs")
+    if _TPU.value is not None:
+        if not _ZONE.value:
+            cli.fail("--tpu needs --zone (the pod's zone, e.g. us-central2-b)")
+        if not (_BUCKET.value or "").startswith("gs://"):
+            cli.fail("--tpu needs --bucket=gs://BUCKET/DIR: the pod's runs write there")
+    try:
+        pattern = re.compile(_FILTER.value) if _FILTER.value is not None else None
+    except re.error as e:
+        cli.fail(f"--filter={_FILTER.value!r} is not a regular expression: {e}")
+
+    runs = expand(path, arg)  # every entry validated before anything runs
+    if pattern is not None:
+        runs = [r for r in runs if pattern.search(r.group) or pattern.search(r.slug)]
+        if not runs:
+            cli.fail(f"--filter={_FILTER.value!r} matches no SWEEP entry (group names and "
+                     "slugs; --dry_run without --filter lists them)")
+    experiment = experiment_name(path, arg)
+    if _TPU.value is not None:
+        print_pod_launches(runs, path, arg, experiment)
+    else:
+        run_locally(runs, os.path.join(_ROOT.value, experiment))
+
+
+def print_pod_launches(runs: list[Run], path: str, arg: str | None, experiment: str) -> None:
+    """One launch_tpu_pod.sh line per run (run them one at a time: each uses the whole pod)."""
+    config = os.path.relpath(os.path.abspath(path), _REPO_ROOT)
+    if config.startswith(".."):
+        cli.fail(f"{path} is outside this checkout; the pod gets only the checkout "
+                 "(git archive of HEAD), so put the experiment file in experiments/")
+    launcher = os.path.relpath(os.path.join(_REPO_ROOT, "scripts", "launch_tpu_pod.sh"))
+    where = ["--tpu", _TPU.value, "--zone", _ZONE.value]
+    if _PROJECT.value:
+        where += ["--project", _PROJECT.value]
+    bucket = f"{_BUCKET.value.rstrip('/')}/{experiment}"
+    config_arg = config + (f":{arg}" if arg is not None else "")
+    for run in runs:
+        print(shlex.join([launcher, *where, "--bucket", bucket, "--config", config_arg,
+                          "--run", run.slug, "--", *run.flags()]))
+    print(f"# {len(runs)} runs: launch one at a time (each uses every worker of {_TPU.value}); "
+          f"workdirs {bucket}/SLUG")
+
+
+def run_locally(runs: list[Run], root: str) -> None:
+    # Each run imports this checkout's code, wherever the sweep was started from.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
+    done = skipped = 0
+    failed: list[str] = []
+    for n, run in enumerate(runs, 1):
+        workdir = os.path.join(root, run.slug)
+        command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
+                   f"--workdir={workdir}", *run.flags()]
+        finished = os.path.exists(os.path.join(workdir, "results.json"))
+        if _DRY_RUN.value:
+            print(("# done, would skip: " if finished else "") + shlex.join(command))
+            skipped += finished
+            continue
+        label = f"[{n}/{len(runs)}] {run.slug}"
+        if finished:
+            print(f"{label}: skipped (results.json exists)", flush=True)
+            skipped += 1
+            continue
+        print(f"{label}: {shlex.join(command)}", flush=True)
+        started = time.perf_counter()
+        status = subprocess.run(command, env=env).returncode
+        if status == 0:
+            done += 1
+            print(f"{label}: done in {time.perf_counter() - started:.0f} s", flush=True)
+        else:
+            failed.append(run.slug)
+            print(f"{label}: FAILED (exit status {status})", flush=True)
+            if _STOP_ON_ERROR.value:
+                break
+    if _DRY_RUN.value:
+        print(f"# dry run: {len(runs)} runs, {skipped} already done (would be skipped), "
+              f"under {root}")
+        return
+    left = len(runs) - done - skipped - len(failed)
+    print(f"sweep {os.path.basename(root)}: {done} done, {skipped} skipped, {len(failed)} "
+          f"failed" + (f", {left} not started (--stop_on_error)" if left else "")
+          + f" of {len(runs)} under {root}" + (f"; failed: {' '.join(failed)}" if failed else ""))
+    if failed:
+        sys.exit(1)
+
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -54,7 +54,7 @@ import sys
 import jax
 import numpy as np
 
-from prefix_jax import checkpoint
+from prefix_jax.training import checkpoint
 
 want, got = (checkpoint.load_state_arrays(d)["trainable"]["prefix"] for d in sys.argv[1:])
 same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))

@@ -1,9 +1,8 @@
-"""Small builders shared by tests (configs and batches on the tiny random model, scripts run
+"""Small builders shared by tests (configs and batches on the tiny random model, tools run
 in this process)."""
 
+import importlib
 import os
-import runpy
-import sys
 
 import jax.numpy as jnp
 import ml_collections
@@ -64,16 +63,14 @@ def tiny_batch(tokenizer, n: int = 4, bucket: int = 16) -> dict:
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_script(name: str, *args, capsys) -> tuple[int, str, str]:
-    """scripts/`name` in this process (no second JAX start-up): (exit status, stdout, stderr)."""
-    old_argv = sys.argv
-    sys.argv = [name, *map(str, args)]
+def run_tool(name: str, *args, capsys) -> tuple[int, str, str]:
+    """`python -m prefix_jax.<name> ARGS...` in this process (no second JAX start-up), through
+    the tool's own absl entry point: (exit status, stdout, stderr)."""
+    tool = importlib.import_module(f"prefix_jax.{name}")
     try:
-        runpy.run_path(os.path.join(REPO, "scripts", name), run_name="__main__")
+        tool.run([f"prefix_jax.{name}", *map(str, args)])
         status = 0
     except SystemExit as e:
-        status = e.code
-    finally:
-        sys.argv = old_argv
+        status = 0 if e.code is None else e.code
     out = capsys.readouterr()
     return status, out.out, out.err

@@ -1,5 +1,7 @@
 """The bad-input catalog: each mistake ends with one `error:` line naming the problem, exit
-status 2, no traceback, and the workdir exactly as it was (byte for byte)."""
+status 2, no traceback, and the workdir exactly as it was (byte for byte). The catalog runs
+`prefix_jax.main` in this process (one JAX start-up for all); a real process checks the exit
+status and `--traceback`."""
 
 import os
 import subprocess
@@ -7,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.helpers import E2E_DIR
+from tests.helpers import E2E_DIR, run_tool, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERIMENT = os.path.join(REPO, "experiments", "e2e_smollm2.py")
@@ -15,7 +17,7 @@ RUNLOCAL = f"--config={EXPERIMENT}:runlocal"
 FAST = ["--config.eval.num_examples=0", "--config.eval.eval_untuned=False"]
 
 
-def run_main(*flags, workdir=None, timeout=300):
+def run_main_process(*flags, workdir=None, timeout=300):
     args = [sys.executable, "-m", "prefix_jax.main", *flags]
     if workdir is not None:
         args.append(f"--workdir={workdir}")
@@ -90,10 +92,12 @@ def _plain_dir(tmp):
 
 
 def trained_workdir(tmp):
-    """A workdir holding a 2-step runlocal checkpoint."""
+    """A workdir holding a 2-step runlocal checkpoint (RUNLOCAL with FAST)."""
+    from prefix_jax import train
+
     w = tmp / "run"
-    r = run_main(RUNLOCAL, *FAST, "--config.train.num_steps=2", workdir=w)
-    assert r.returncode == 0, r.stderr[-2000:]
+    train.train_and_evaluate(runlocal_config(train__num_steps=2, eval__num_examples=0,
+                                             eval__eval_untuned=False), str(w))
     return w
 
 
@@ -216,7 +220,7 @@ def test_catalog_is_large_enough():
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))
-def test_bad_input(tmp_path, name):
+def test_bad_input(tmp_path, name, capsys):
     setup, named = CATALOG[name]
     flags, workdir = setup(tmp_path)
     if workdir is None:
@@ -224,19 +228,26 @@ def test_bad_input(tmp_path, name):
         workdir.mkdir()
         (workdir / "notes.txt").write_text("keep me")
     before = snapshot(workdir) if workdir != "none" and os.path.isdir(workdir) else None
-    result = run_main(*flags, workdir=None if workdir == "none" else workdir)
-    assert result.returncode == 2, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    capsys.readouterr()  # what the setup printed is not the tool's output
+    if workdir != "none":
+        flags = [*flags, f"--workdir={workdir}"]
+    status, _, err = run_tool("main", *flags, capsys=capsys)  # a bug raises through here
+    assert status == 2, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and named in errors[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and named in errors[0], err[-3000:]
+    assert "Traceback" not in err
     if before is not None:
         assert snapshot(workdir) == before
     elif workdir != "none":
         assert not os.path.exists(workdir) or not os.path.isdir(workdir)
 
 
-def test_traceback_flag_shows_the_stack(tmp_path):
-    result = run_main(RUNLOCAL, "--config.data.dir=/nonexistent/e2e", "--traceback",
-                      workdir=tmp_path / "run")
+def test_a_process_exits_2_with_one_line_and_traceback_shows_the_stack(tmp_path):
+    flags = [RUNLOCAL, "--config.data.dir=/nonexistent/e2e"]
+    result = run_main_process(*flags, workdir=tmp_path / "run")
+    assert result.returncode == 2
+    assert len([line for line in result.stderr.splitlines() if line.startswith("error: ")]) == 1
+    assert "/nonexistent/e2e" in result.stderr and "Traceback" not in result.stderr
+    result = run_main_process(*flags, "--traceback", workdir=tmp_path / "run")
     assert result.returncode != 0 and "Traceback" in result.stderr

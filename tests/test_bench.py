@@ -1,5 +1,6 @@
-"""scripts/bench.py end to end on the tiny model: both systems compute the same loss (checked by
-the script itself before timing) and the JSON carries every ratio. Speed is not asserted."""
+"""`python -m prefix_jax.bench.train` end to end on the tiny model: both systems compute the
+same loss (checked by the benchmark itself before timing) and the JSON carries every ratio.
+Speed is not asserted."""
 
 import json
 import math
@@ -12,8 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_bench_runs_on_the_tiny_model(tmp_path):
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench.py"),
-                        "--model", "tiny", "--rounds", "1", "--steps", "1", "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "prefix_jax.bench.train", "--model", "tiny",
+                        "--rounds", "1", "--steps", "1", "--out", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=REPO,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""`python -m prefix_jax.eject` and scripts/layer_influence.py on a short MLP-prefix run."""
+"""`python -m prefix_jax.eject` and `prefix_jax.layer_influence` on a short MLP-prefix run."""
 
 import json
 import os
@@ -8,10 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from prefix_jax import eject, train
+from prefix_jax import eject, layer_influence, train
 from prefix_jax.errors import UserError
 from prefix_jax.serving import bank
-from scripts import layer_influence
 from tests.helpers import runlocal_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,5 @@
-"""scripts/generate.py and scripts/evaluate.py on two tiny trained runs; the E2E metrics."""
+"""`python -m prefix_jax.generate` and `prefix_jax.evaluate` on two tiny trained runs; the E2E
+metrics."""
 
 import json
 import os
@@ -7,7 +8,7 @@ import pytest
 
 from prefix_jax import train
 from prefix_jax.tasks import e2e, metrics
-from tests.helpers import E2E_DIR, run_script, runlocal_config
+from tests.helpers import E2E_DIR, run_tool, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MRS = ["name[Aromi], eatType[pub]", "name[The Eagle], food[French]", "name[Zizzi]"]
@@ -39,8 +40,8 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     common = ["--max_new_tokens", 6, "--batch_size", 2]
     outputs = {}
     for name, workdir in (("a", a), ("b", b)):
-        status, _, _ = run_script("generate.py", "--workdir", workdir, "--input",
-                                  tmp_path / "mrs.txt", "--output", tmp_path / f"{name}.txt",
+        status, _, _ = run_tool("generate", "--workdir", workdir, "--input",
+                                  tmp_path / "mrs.txt", "--out", tmp_path / f"{name}.txt",
                                   *common, capsys=capsys)
         assert status == 0
         outputs[name] = lines(tmp_path / f"{name}.txt")
@@ -50,8 +51,8 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     # A bank of both runs, rows interleaved and sharing batches: each line as its run alone.
     rows = [1, 0, 1]
     (tmp_path / "mixed.txt").write_text("".join(f"{r}\t{m}\n" for r, m in zip(rows, MRS)))
-    status, _, _ = run_script("generate.py", "--workdir", a, "--workdir", b, "--input",
-                              tmp_path / "mixed.txt", "--output", tmp_path / "mixed_out.txt",
+    status, _, _ = run_tool("generate", "--workdir", a, "--workdir", b, "--input",
+                              tmp_path / "mixed.txt", "--out", tmp_path / "mixed_out.txt",
                               *common, capsys=capsys)
     assert status == 0
     assert lines(tmp_path / "mixed_out.txt") == [outputs["ab"[r]][i] for i, r in enumerate(rows)]
@@ -59,9 +60,9 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     # --raw: the line is the whole prompt. The formatted prompt has a newline, which cannot sit
     # in one input line, so compare a prompt without one: the raw MR against the raw MR.
     (tmp_path / "one.txt").write_text(MRS[0] + "\n")
-    run_script("generate.py", "--workdir", a, "--input", tmp_path / "one.txt", "--output",
+    run_tool("generate", "--workdir", a, "--input", tmp_path / "one.txt", "--out",
                tmp_path / "raw_out.txt", "--raw", *common, capsys=capsys)
-    run_script("generate.py", "--workdir", a, "--input", tmp_path / "one.txt", "--output",
+    run_tool("generate", "--workdir", a, "--input", tmp_path / "one.txt", "--out",
                tmp_path / "fmt_out.txt", *common, capsys=capsys)
     from prefix_jax.serving import bank, decoding
 
@@ -84,8 +85,8 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(two_runs, tmp_path, c
     a, b = two_runs
     (tmp_path / "in.txt").write_text(content)
     flags = [b if f == "B" else f for f in flags]
-    status, _, err = run_script("generate.py", "--workdir", a, "--input", tmp_path / "in.txt",
-                             "--output", tmp_path / "out.txt", *flags, capsys=capsys)
+    status, _, err = run_tool("generate", "--workdir", a, "--input", tmp_path / "in.txt",
+                             "--out", tmp_path / "out.txt", *flags, capsys=capsys)
     assert status == 2
     assert err.startswith("error: ") and expected in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out.txt").exists()
@@ -93,7 +94,7 @@ def test_generate_bad_input_is_one_line_and_writes_nothing(two_runs, tmp_path, c
 
 def test_evaluate_writes_scores_and_predictions(two_runs, capsys):
     a, _ = two_runs
-    status, _, _ = run_script("evaluate.py", "--workdir", a, "--split", "dev", "--limit", 3,
+    status, _, _ = run_tool("evaluate", "--workdir", a, "--split", "dev", "--limit", 3,
                               "--num_beams", 2, "--max_new_tokens", 5, capsys=capsys)
     assert status == 0
     with open(os.path.join(a, "eval_dev.json")) as f:
@@ -105,7 +106,7 @@ def test_evaluate_writes_scores_and_predictions(two_runs, capsys):
     # A 2-step tiny random model writes byte soup: near-zero scores on every metric.
     assert all(v < 5 for v in result["scores"].values())
     assert len(lines(os.path.join(a, "predictions_dev.txt"))) == 3
-    status, _, err = run_script("evaluate.py", "--workdir", a, "--split", "train", capsys=capsys)
+    status, _, err = run_tool("evaluate", "--workdir", a, "--split", "train", capsys=capsys)
     assert status == 2 and err.startswith("error: ") and "--split" in err
 
 

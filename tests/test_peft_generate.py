@@ -2,7 +2,7 @@
 0.21.2 and transformers 5.x, `PeftModel.generate` silently ignores a prefix-tuning adapter.
 
 A large random prefix changes `forward`'s logits and the tokens of a greedy loop over `forward`,
-but `generate` returns the base model's tokens. This is why scripts/bench_decode.py and the
+but `generate` returns the base model's tokens. This is why prefix_jax.bench.decode and the
 parity tests decode through `forward` with a prefix-filled cache, never through
 `PeftModel.generate` (docs/decoding.md).
 

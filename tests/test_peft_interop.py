@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_from_ours(loaded: models.LoadedModel) -> transformers.PreTrainedModel:
-    """A transformers LM holding `loaded`'s weights (built as scripts/bench.py builds its
+    """A transformers LM holding `loaded`'s weights (built as prefix_jax.bench.train builds its
     reference: on the meta device, the weights assigned, no random init)."""
     cfg = loaded.config
     if isinstance(cfg, GPT2Config):

@@ -1,5 +1,6 @@
-"""scripts/sweep.py (expand, validate, dry run, pod lines, run, skip) and scripts/compare.py
-(table and figures) on a real two-run sweep of the tiny model; data.subsample_seed."""
+"""`python -m prefix_jax.sweep` (expand, validate, dry run, pod lines, run, skip) and
+`prefix_jax.compare` (table and figures) on a real two-run sweep of the tiny model;
+data.subsample_seed."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import textwrap
 import pytest
 
 from prefix_jax import train
-from tests.helpers import run_script, runlocal_config
+from tests.helpers import run_tool, runlocal_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 E2E = os.path.join(REPO, "experiments", "e2e_smollm2.py")
@@ -63,7 +64,8 @@ def experiment(tmp_path, sweep: str, name: str = "exp") -> str:
 
 def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys):
     root = tmp_path / "root"
-    status, out, _ = run_script("sweep.py", E2E, "--root", root, "--dry_run", capsys=capsys)
+    status, out, _ = run_tool("sweep", f"--config={E2E}", "--root", root, "--dry_run",
+                              capsys=capsys)
     assert status == 0
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
     # 5 prefix lengths + 4 depths + 3 inits + 50/100/200/500 x 5 subsets x 2 seeds
@@ -82,7 +84,7 @@ def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys)
         "--config.seed=1"]
     assert not root.exists()
 
-    status, out, _ = run_script("sweep.py", E2E, "--arg", "runlocal", "--root", root,
+    status, out, _ = run_tool("sweep", f"--config={E2E}:runlocal", "--root", root,
                                 "--dry_run", "--filter", "^length$", capsys=capsys)
     commands = [line for line in out.splitlines() if not line.startswith("#")]
     assert status == 0 and len(commands) == 5
@@ -99,7 +101,8 @@ def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys)
 ])
 def test_a_bad_entry_is_rejected_before_anything_runs(tmp_path, capsys, entry, message):
     path = experiment(tmp_path, f'[{{"prefix.length": 2}}, {entry}]')
-    status, out, err = run_script("sweep.py", path, "--root", tmp_path / "root", capsys=capsys)
+    status, out, err = run_tool("sweep", f"--config={path}", "--root", tmp_path / "root",
+                                capsys=capsys)
     assert status == 2 and not out
     assert len(err.strip().splitlines()) == 1
     assert re.match(rf"error: {re.escape(path)} SWEEP entry 1 .*{message}", err), err
@@ -107,22 +110,22 @@ def test_a_bad_entry_is_rejected_before_anything_runs(tmp_path, capsys, entry, m
 
 
 def test_a_bad_arg_or_file_is_one_error_line(tmp_path, capsys):
-    status, _, err = run_script("sweep.py", E2E, "--arg", "nosuch", "--root", tmp_path,
-                                capsys=capsys)
-    assert status == 2 and err.startswith(f"error: {E2E} with --arg 'nosuch': config arg "
+    status, _, err = run_tool("sweep", f"--config={E2E}:nosuch", "--root", tmp_path,
+                              capsys=capsys)
+    assert status == 2 and err.startswith(f"error: --config={E2E}:nosuch: config arg "
                                           "'nosuch' is not one of")
-    status, _, err = run_script("sweep.py", tmp_path / "none.py", "--root", tmp_path,
-                                capsys=capsys)
+    status, _, err = run_tool("sweep", f"--config={tmp_path / 'none.py'}", "--root", tmp_path,
+                              capsys=capsys)
     assert status == 2 and "none.py: not an experiment file" in err
     path = tmp_path / "nosweep.py"
     path.write_text("def get_config(arg=None):\n    return None\n")
-    status, _, err = run_script("sweep.py", path, "--root", tmp_path, capsys=capsys)
+    status, _, err = run_tool("sweep", f"--config={path}", "--root", tmp_path, capsys=capsys)
     assert status == 2 and "nosweep.py: has no SWEEP list" in err
 
 
 def test_pod_lines_one_launch_per_run(tmp_path, capsys):
-    status, out, _ = run_script("sweep.py", os.path.relpath(E2E), "--arg", "runlocal",
-                                "--filter", "length", "--tpu", "pod1", "--zone", "zone-a",
+    status, out, _ = run_tool("sweep", f"--config={os.path.relpath(E2E)}:runlocal",
+                              "--filter", "length", "--tpu", "pod1", "--zone", "zone-a",
                                 "--bucket", "gs://bkt/sweeps", capsys=capsys)
     assert status == 0
     launches = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
@@ -140,8 +143,8 @@ def test_pod_lines_one_launch_per_run(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert ("--workdir=$HOME/bucket/sweeps/e2e_smollm2-runlocal/prefix.length=1 "
             "--config.prefix.length=1") in r.stdout
-    status, _, err = run_script("sweep.py", E2E, "--tpu", "pod1", "--bucket", "gs://b",
-                                capsys=capsys)
+    status, _, err = run_tool("sweep", f"--config={E2E}", "--tpu", "pod1", "--bucket",
+                              "gs://b", capsys=capsys)
     assert status == 2 and "--tpu needs --zone" in err
 
 
@@ -150,7 +153,7 @@ def run_sweep(*args, cache: str) -> subprocess.CompletedProcess:
     # decoding steps are the same programs in both): ~3 s less CPU for the second run.
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": cache,
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "sweep.py"), *args],
+    return subprocess.run([sys.executable, "-m", "prefix_jax.sweep", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -161,7 +164,7 @@ def swept(tmp_path_factory):
     path = tmp / "tiny.py"
     path.write_text(TINY_EXPERIMENT)
     root, cache = tmp / "root", str(tmp / "jax_cache")
-    return path, root, cache, run_sweep(str(path), "--root", str(root), cache=cache)
+    return path, root, cache, run_sweep(f"--config={path}", "--root", str(root), cache=cache)
 
 
 def test_sweep_runs_every_entry_past_a_failure_and_resumes(swept):
@@ -175,7 +178,7 @@ def test_sweep_runs_every_entry_past_a_failure_and_resumes(swept):
     assert sorted(p.name for p in runs.iterdir()) == [d.name for d in done]
     stamps = [os.path.getmtime(d / "results.json") for d in done]
 
-    again = run_sweep(str(path), "--root", str(root), "--filter", "length", cache=cache)
+    again = run_sweep(f"--config={path}", "--root", str(root), "--filter", "length", cache=cache)
     assert again.returncode == 0, again.stderr
     assert again.stdout.count("skipped (results.json exists)") == 2
     assert again.stdout.strip().splitlines()[-1].startswith(
@@ -187,7 +190,8 @@ def test_compare_writes_the_table_and_figures(swept, tmp_path, capsys):
     _, root, _, _ = swept
     runs = [root / "tiny" / "prefix.length=1", root / "tiny" / "prefix.length=4"]
     out = tmp_path / "cmp"
-    status, _, err = run_script("compare.py", *runs, "--out", out, capsys=capsys)
+    status, _, err = run_tool("compare", *(f"--workdir={r}" for r in runs), "--out", out,
+                              capsys=capsys)
     assert status == 0, err
     table = (out / "table.md").read_text().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
@@ -215,19 +219,20 @@ def test_compare_names_a_bad_workdir_and_writes_nothing(swept, tmp_path, capsys)
     _, root, _, _ = swept
     good = root / "tiny" / "prefix.length=1"
     out = tmp_path / "cmp"
-    status, _, err = run_script("compare.py", good, tmp_path / "nope", "--out", out,
-                                capsys=capsys)
+    status, _, err = run_tool("compare", f"--workdir={good}", f"--workdir={tmp_path / 'nope'}",
+                              "--out", out, capsys=capsys)
     assert status == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert "nope: not a directory" in err
     (tmp_path / "empty").mkdir()
-    status, _, err = run_script("compare.py", good, tmp_path / "empty", "--out", out,
-                                capsys=capsys)
+    status, _, err = run_tool("compare", f"--workdir={good}", f"--workdir={tmp_path / 'empty'}",
+                              "--out", out, capsys=capsys)
     assert status == 2 and "empty/config.json: missing" in err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
     (broken / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
-    status, _, err = run_script("compare.py", good, broken, "--out", out, capsys=capsys)
+    status, _, err = run_tool("compare", f"--workdir={good}", f"--workdir={broken}", "--out", out,
+                              capsys=capsys)
     assert status == 2 and "broken/metrics.jsonl: unreadable" in err
     assert not out.exists()
 

@@ -2,7 +2,7 @@
 # The E2E ablation on SmolLM2-135M at a CPU budget (docs/ablations.md): prefix length 1/5/10,
 # prompt tuning (input embeddings only), full fine-tuning, infix, prefix + MLP; 150 steps of
 # batch 8 each, greedy dev BLEU on the first 100 dev MRs. Then the table and figures:
-#   python scripts/compare.py runs/ablation/* --out docs/ablations
+#   python -m prefix_jax.compare --workdir='runs/ablation/*' --out=docs/ablations
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}

@@ -1,6 +1,6 @@
 r"""prefix_jax vs PEFT prefix tuning on the same SmolLM2 weights, side by side in one run.
 
-  python scripts/bench.py [--rounds 3] [--threads 2] [--out bench.json]
+  python -m prefix_jax.bench.train [--rounds=3] [--threads=2] [--out=bench.json]
 
 Both systems train the same prefix (P=10, positions after the prefix as PEFT has them, AdamW)
 on the same SmolLM2-135M weights (prefix_jax's GGUF load, copied into transformers'
@@ -21,7 +21,6 @@ Prints a table of ratios last; --out writes them as JSON.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -32,9 +31,23 @@ import sys
 import time
 
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import e2e_smollm2  # the repo root, not installed
+from prefix_jax import bench, cli
+
+FLAGS = cli.flag_values()
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (the median is reported).",
+                               flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 3, "Fixed-workload steps per round.", flag_values=FLAGS)
+_THREADS = flags.DEFINE_integer("threads", os.cpu_count(), "Threads of both systems.",
+                                flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", "", "JSON file for the results.", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", "smollm2", "model.path (tiny: a smoke run).",
+                             flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string("config", bench.MAIN_EXPERIMENT, "The experiment FILE[:ARG] whose "
+                              "config the prefix_jax side trains with.", flag_values=FLAGS)
+_PROBE = flags.DEFINE_enum("probe", None, ["jax", "torch"], "Internal: the child process that "
+                           "measures one system's peak memory.", flag_values=FLAGS)
 
 PREFIX_LEN = 10
 FIXED_BATCH, FIXED_LEN = 4, 128
@@ -103,11 +116,9 @@ def hf_fixed_batch(batch: dict) -> dict:
 
 # ---- The two systems -----------------------------------------------------------------------
 
-def jax_config(model: str, trainable: str = r"^prefix/"):
+def jax_config(spec: str, model: str, trainable: str = r"^prefix/"):
     """The main job's config (its runlocal variant for the tiny models) with bench settings."""
-    config = e2e_smollm2.get_config("runlocal" if model.startswith("tiny") else None)
-    config.unlock()
-    config.model.path = model
+    config = bench.experiment_config(spec, model)
     if model.startswith("tiny"):
         config.data.max_len = 512  # every E2E pair fits the byte-level tokenizer's lengths
     config.prefix.length = PREFIX_LEN
@@ -265,11 +276,11 @@ def alternate(rounds: int, runs: dict) -> dict[str, list[float]]:
     return times
 
 
-def probe_memory(system: str, threads: int, model: str) -> None:
+def probe_memory(system: str, threads: int, spec: str, model: str) -> None:
     """Child process: load, 3 fixed steps, print peak RSS (MiB) as JSON."""
     from prefix_jax import models
 
-    config = jax_config(model)
+    config = jax_config(spec, model)
     loaded = models.load(config.model)
     batch = fixed_batch(loaded.config.vocab_size)
     if system == "jax":
@@ -290,35 +301,30 @@ def probe_memory(system: str, threads: int, model: str) -> None:
     print(json.dumps({"peak_rss_mib": peak_kib / 1024}))
 
 
-def peak_rss(system: str, threads: int, model: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--probe", system, "--threads", str(threads),
-                          "--model", model],
+def peak_rss(system: str, threads: int, spec: str, model: str) -> float:
+    out = subprocess.run([sys.executable, "-m", "prefix_jax.bench.train", f"--probe={system}",
+                          f"--threads={threads}", f"--config={spec}", f"--model={model}"],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=3, help="fixed-workload steps per round")
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--out", default="")
-    parser.add_argument("--model", default="smollm2", help="model.path (tiny: a smoke run)")
-    parser.add_argument("--probe", choices=("jax", "torch"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.probe:
-        return probe_memory(args.probe, args.threads, args.model)
+    for name in ("rounds", "steps", "threads"):
+        if FLAGS[name].value < 1:
+            cli.fail(f"--{name}={FLAGS[name].value} must be >= 1")
+    if _PROBE.value:
+        return probe_memory(_PROBE.value, _THREADS.value, _CONFIG.value, _MODEL.value)
 
     import jax
     import torch
 
     from prefix_jax import models
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(_THREADS.value)
     print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, "
-          f"{args.threads} threads")
-    config = jax_config(args.model)
+          f"{_THREADS.value} threads")
+    config = jax_config(_CONFIG.value, _MODEL.value)
     loaded = models.load(config.model)
     pad = models.pad_id(loaded.tokenizer)
     fixed = fixed_batch(loaded.config.vocab_size)
@@ -345,22 +351,22 @@ def main() -> None:
     useful_shuffled = sum(len(r.tokens) for rows in shuffled for r in rows)
     ours.run([fixed, *ours_e2e])
     theirs.run([hf_fixed, theirs_e2e[0], theirs_shuffled[0]])
-    full = JaxSystem(loaded, jax_config(args.model, trainable=r"^(base|prefix)/"))
+    full = JaxSystem(loaded, jax_config(_CONFIG.value, _MODEL.value, trainable=r"^(base|prefix)/"))
     full.run([fixed])
 
-    rate = matmul_rate(args.threads)
+    rate = matmul_rate(_THREADS.value)
     flops = ours.flops(fixed)
 
-    times = alternate(args.rounds, {
-        "prefix_jax fixed": lambda: ours.run([fixed] * args.steps),
-        "peft fixed": lambda: theirs.run([hf_fixed] * args.steps),
-        "prefix_jax full fine-tune fixed": lambda: full.run([fixed] * args.steps),
+    times = alternate(_ROUNDS.value, {
+        "prefix_jax fixed": lambda: ours.run([fixed] * _STEPS.value),
+        "peft fixed": lambda: theirs.run([hf_fixed] * _STEPS.value),
+        "prefix_jax full fine-tune fixed": lambda: full.run([fixed] * _STEPS.value),
         "prefix_jax e2e": lambda: ours.run(ours_e2e),
         "peft e2e": lambda: theirs.run(theirs_shuffled),
         "peft e2e same batches": lambda: theirs.run(theirs_e2e),
     })
-    memory = {"prefix_jax": peak_rss("jax", args.threads, args.model),
-              "peft": peak_rss("torch", args.threads, args.model)}
+    memory = {"prefix_jax": peak_rss("jax", _THREADS.value, _CONFIG.value, _MODEL.value),
+              "peft": peak_rss("torch", _THREADS.value, _CONFIG.value, _MODEL.value)}
 
     # ---- Report.
     def per_round(name: str, tokens: int) -> list[float]:
@@ -370,11 +376,11 @@ def main() -> None:
         return statistics.median(x / y for x, y in zip(
             per_round(a, tokens), per_round(b, tokens if tokens_b is None else tokens_b)))
 
-    fixed_tok = fixed_tokens * args.steps
-    step_s = statistics.median(times["prefix_jax fixed"]) / args.steps
+    fixed_tok = fixed_tokens * _STEPS.value
+    step_s = statistics.median(times["prefix_jax fixed"]) / _STEPS.value
     floor_s = flops / (max(rate.values()) * 1e9)
     result = {
-        "threads": args.threads, "rounds": args.rounds,
+        "threads": _THREADS.value, "rounds": _ROUNDS.value,
         "matmul_gflops": rate, "step_gflop": flops / 1e9,
         "fixed_tokens_per_sec": {k: statistics.median(per_round(f"{k} fixed", fixed_tok))
                                  for k in ("prefix_jax", "peft")},
@@ -413,10 +419,14 @@ def main() -> None:
              "~1.3 (paper)"))
     for name, value, target in rows:
         print(f"| {name} | {value:.2f} | {target} |")
-    if args.out:
-        with open(args.out, "w") as f:
+    if _OUT.value:
+        with open(_OUT.value, "w") as f:
             json.dump(result, f, indent=2)
 
 
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -1,7 +1,7 @@
 r"""Memory of the prefix train step under the memory options, from XLA's own accounting.
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-      python scripts/memory_report.py [--model smollm2] [--batch 8] [--seq 128,512]
+      python -m prefix_jax.bench.memory [--model=smollm2] [--batch_size=8] [--seq_lens=128,512]
 
 Prints, for the real base model: bytes of the frozen base per device on an fsdp=8 mesh vs a
 data=8 mesh (needs 8 devices, e.g. the XLA flag above), and for one device the compiled step's
@@ -11,25 +11,25 @@ the loss of one batch with a float32 vs a bfloat16 base. Compile-time numbers: n
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
-import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from experiments import e2e_smollm2  # the repo root, not installed
-from prefix_jax import models, train
-from prefix_jax.training import sharding
+from prefix_jax import bench, cli
+
+FLAGS = cli.flag_values()
+_MODEL = flags.DEFINE_string("model", "smollm2", "model.path.", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows of the measured batch.",
+                                   flag_values=FLAGS)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths, one row each.",
+                              flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string("config", bench.MAIN_EXPERIMENT, "The experiment FILE[:ARG] "
+                              "whose train step is measured.", flag_values=FLAGS)
 
 
 def _config(model: str, **fields):
-    config = e2e_smollm2.get_config()
-    config.unlock()
-    config.model.path = model
+    config = bench.experiment_config(_CONFIG.value, model)
     config.prefix.init = "random"
     config.prefix.init_std = 0.02
     for dotted, value in fields.items():
@@ -51,27 +51,39 @@ def _batch(tokenizer, batch: int, seq: int) -> dict:
 
 
 def _cast(params, dtype: str):
+    import jax
+    import jax.numpy as jnp
+
     return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
 
 
 def _temp_bytes(setup, batch) -> int:
+    import jax
+
+    from prefix_jax import train
+
     fn = jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=(3,))
     lowered = fn.lower(setup.state.trainable, setup.frozen, batch, setup.model)
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", default="128,512")
-    args = parser.parse_args()
+    try:
+        seq_lens = [int(s) for s in _SEQ_LENS.value]
+    except ValueError:
+        cli.fail(f"--seq_lens={','.join(_SEQ_LENS.value)} must be integers, e.g. 128,512")
+    import jax
+    import jax.numpy as jnp
+
+    from prefix_jax import models, train
+    from prefix_jax.training import sharding
+
     mib = 2**20
 
     if jax.device_count() >= 8:
         print("frozen base per device (MiB):")
         for mesh_fields in ({"mesh__data": 8}, {"mesh__data": 1, "mesh__fsdp": 8}):
-            config = _config(args.model, **mesh_fields)
+            config = _config(_MODEL.value, **mesh_fields)
             mesh = sharding.make_mesh(config.mesh)
             loaded = train.place_base(models.load(config.model), mesh,
                                       sharding.parse_rules(config.mesh.rules))
@@ -80,22 +92,22 @@ def main() -> None:
             print(f"  mesh {dict(mesh.shape)}: max {max(held.values()) / mib:.1f} of "
                   f"{total / mib:.1f} ({max(held.values()) / total:.3f})")
 
-    print(f"temporary memory of one prefix step, batch {args.batch} (MiB):")
-    loaded = models.load(_config(args.model).model)  # loaded once; options applied below
-    for seq in (int(s) for s in args.seq.split(",")):
-        batch = _batch(loaded.tokenizer, args.batch, seq)
+    print(f"temporary memory of one prefix step, batch {_BATCH_SIZE.value} (MiB):")
+    loaded = models.load(_config(_MODEL.value).model)  # loaded once; options applied below
+    for seq in seq_lens:
+        batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, seq)
         row = []
         for remat in ("none", "full", "dots"):
-            config = _config(args.model, model__remat=remat)
+            config = _config(_MODEL.value, model__remat=remat)
             with_remat = dataclasses.replace(loaded, module=loaded.module.clone(remat=remat))
             setup = train.create_train_state(config, with_remat)
             row.append(f"{remat} {_temp_bytes(setup, batch) / mib:.0f}")
         print(f"  seq {seq}: " + ", ".join(row))
 
     print("float32 vs bfloat16 base:")
-    batch = _batch(loaded.tokenizer, args.batch, 128)
+    batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, 128)
     for dtype in ("float32", "bfloat16"):
-        config = _config(args.model, model__param_dtype=dtype)
+        config = _config(_MODEL.value, model__param_dtype=dtype)
         cast = _cast(loaded.params, dtype)
         setup = train.create_train_state(config, dataclasses.replace(loaded, params=cast))
         base = sum(x.nbytes for x in jax.tree.leaves(setup.frozen))
@@ -106,5 +118,9 @@ def main() -> None:
               f"loss {float(loss):.4f}")
 
 
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
+
+
 if __name__ == "__main__":
-    main()
+    run()

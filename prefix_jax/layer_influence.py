@@ -1,7 +1,7 @@
 r"""Which layers does a trained prefix act through? Measured, not argued: the dev loss of the
 run with each layer's prefix removed, and with only that layer's prefix kept.
 
-  python scripts/layer_influence.py runs/e2e_smollm2 --out docs/layer_influence --limit 200
+  python -m prefix_jax.layer_influence --workdir=runs/e2e_smollm2 --out=docs/layer_influence
 
 Writes `OUT/layer_influence.json` (every loss), `OUT/layer_influence.md` (a table) and
 `OUT/layer_influence.png` (per layer: the loss increase when it is removed, and the loss
@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
 from prefix_jax import cli
+
+FLAGS = cli.flag_values()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A trained prefix run's directory.",
+                               flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "Directory for the table, JSON and plot.",
+                           flag_values=FLAGS)
+_LIMIT = flags.DEFINE_integer("limit", 200, "First N dev pairs.", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Dev pairs per forward pass.",
+                                   flag_values=FLAGS)
 
 
 def measure(workdir: str, limit: int, batch_size: int) -> dict:
@@ -122,21 +130,21 @@ def write(result: dict, out: str) -> None:
 
 
 def main() -> None:
-    parser = cli.Parser(prog="scripts/layer_influence.py", description=__doc__.splitlines()[0])
-    parser.add_argument("workdir", help="a trained prefix run's directory")
-    parser.add_argument("--out", required=True, help="directory for the table, JSON and plot")
-    parser.add_argument("--limit", type=int, default=200, help="first N dev pairs")
-    parser.add_argument("--batch_size", type=int, default=16)
-    args = parser.parse_args()
-    if args.limit < 1 or args.batch_size < 1:
+    if not _WORKDIR.value or not _OUT.value:
+        cli.fail("--workdir and --out are required: the trained run and the output directory")
+    if _LIMIT.value < 1 or _BATCH_SIZE.value < 1:
         cli.fail("--limit and --batch_size must be >= 1")
-    if not os.path.isdir(args.workdir):
-        cli.fail(f"{args.workdir} is not a directory; give a training run's workdir")
-    result = measure(args.workdir, args.limit, args.batch_size)
-    write(result, args.out)
+    if not os.path.isdir(_WORKDIR.value):
+        cli.fail(f"--workdir={_WORKDIR.value} is not a directory; give a training run's workdir")
+    result = measure(_WORKDIR.value, _LIMIT.value, _BATCH_SIZE.value)
+    write(result, _OUT.value)
     print(f"base {result['base']:.4f}  full {result['full']:.4f}  all removed "
-          f"{result['all_removed']:.4f}; table and plot in {args.out}")
+          f"{result['all_removed']:.4f}; table and plot in {_OUT.value}")
+
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    run()

@@ -1,7 +1,7 @@
 r"""Decoding speed of prefix_jax against transformers, same SmolLM2-135M weights, same prefix.
 
-  python scripts/bench_decode.py                       # batch 1 and 16, 64 new tokens, 3 rounds
-  python scripts/bench_decode.py --batch_sizes 1,4,16 --rounds 5 --workdir runs/e2e_smollm2
+  python -m prefix_jax.bench.decode                # batch 1 and 16, 64 new tokens, 3 rounds
+  python -m prefix_jax.bench.decode --batch_sizes=1,4,16 --rounds=5 --workdir=runs/e2e_smollm2
 
 The baselines are transformers' own LlamaForCausalLM (loaded from the same GGUF file) with a
 `DynamicCache` pre-filled with the prefix keys/values, which is how PEFT feeds a prefix (real
@@ -18,35 +18,52 @@ tokens/s over each baseline's.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
+from typing import TYPE_CHECKING
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-import transformers
+from absl import flags
 
-from prefix_jax import configs, models, prefix
-from prefix_jax.models.core import KV
-from prefix_jax.serving import bank, decoding
-from prefix_jax.tasks import e2e
+from prefix_jax import cli
+
+if TYPE_CHECKING:
+    import transformers
+
+    from prefix_jax.models.core import KV
+    from prefix_jax.serving import decoding
+
+FLAGS = cli.flag_values()
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "16"], "Batch sizes, one table row each.",
+                                 flag_values=FLAGS)
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row.",
+                                       flag_values=FLAGS)
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds (the median is reported).",
+                               flag_values=FLAGS)
+_PREFIX_LENGTH = flags.DEFINE_integer("prefix_length", 10, "Slots of the untrained prefix "
+                                      "(without --workdir).", flag_values=FLAGS)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Use this run's trained prefix.",
+                               flag_values=FLAGS)
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 0, "Torch intra-op threads; 0 = torch's "
+                                      "default.", flag_values=FLAGS)
 
 
-def load_prefix(args, base) -> KV:
+def load_prefix(base) -> KV:
     """A trained prefix (--workdir) or the activations of "table-to-text:" (10 slots)."""
-    if args.workdir:
-        return bank.load([args.workdir]).row(0)
-    return prefix.text_activations(base, "table-to-text:", args.prefix_length)
+    from prefix_jax import prefix
+    from prefix_jax.serving import bank
+
+    if _WORKDIR.value:
+        return bank.load([_WORKDIR.value]).row(0)
+    return prefix.text_activations(base, "table-to-text:", _PREFIX_LENGTH.value)
 
 
 def _prefix_cache(hf, kv: KV, b: int) -> transformers.DynamicCache:
     """A DynamicCache holding the prefix (KV [L, 1, P, K, D] -> per layer [B, K, P, D])."""
+    import torch
+    import transformers
+
     cache = transformers.DynamicCache(config=hf.config)
     k = torch.from_numpy(np.array(kv.k)).permute(0, 1, 3, 2, 4).expand(-1, b, -1, -1, -1)
     v = torch.from_numpy(np.array(kv.v)).permute(0, 1, 3, 2, 4).expand(-1, b, -1, -1, -1)
@@ -62,6 +79,8 @@ def hf_generate(hf, kv: KV, tokens: np.ndarray, valid: np.ndarray, max_new: int,
     `generate` skips input ids that the cache already holds, so P placeholder ids stand for the
     prefix; the attention mask is 1 on them, and positions (from the mask) start at P.
     """
+    import torch
+
     b = tokens.shape[0]
     n_prefix = kv.k.shape[2]
     ids = torch.cat([torch.full((b, n_prefix), pad_id), torch.from_numpy(tokens).long()], 1)
@@ -77,6 +96,8 @@ def hf_generate(hf, kv: KV, tokens: np.ndarray, valid: np.ndarray, max_new: int,
 def hf_forward_loop(hf, kv: KV, tokens: np.ndarray, valid: np.ndarray, max_new: int
                     ) -> np.ndarray:
     """transformers' forward in a greedy loop over a DynamicCache holding the prefix first."""
+    import torch
+
     b = tokens.shape[0]
     n_prefix = kv.k.shape[2]
     cache = _prefix_cache(hf, kv, b)
@@ -102,26 +123,29 @@ def hf_forward_loop(hf, kv: KV, tokens: np.ndarray, valid: np.ndarray, max_new: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch_sizes", default="1,16")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--prefix_length", type=int, default=10)
-    parser.add_argument("--workdir", default=None, help="use this run's trained prefix")
-    parser.add_argument("--torch_threads", type=int, default=0,
-                        help="torch intra-op threads; 0 = torch's default")
-    args = parser.parse_args()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    import jax
+    import torch
+    import transformers
+
+    from prefix_jax import configs, models, prefix
+    from prefix_jax.serving import decoding
+    from prefix_jax.tasks import e2e
+
+    try:
+        batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    except ValueError:
+        cli.fail(f"--batch_sizes={','.join(_BATCH_SIZES.value)} must be integers, e.g. 1,16")
+    if _TORCH_THREADS.value:
+        torch.set_num_threads(_TORCH_THREADS.value)
 
     base = models.load(configs.model_config("smollm2"))
     path = models.smollm2_gguf_path()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    kv = load_prefix(args, base)
+    kv = load_prefix(base)
     n_prefix = kv.k.shape[2]
     sources, _ = e2e.group_references(e2e.read_pairs(configs.default_data_dir("e2e"), "dev"))
-    n = args.max_new_tokens
+    n = _MAX_NEW_TOKENS.value
     settings = decoding.DecodeSettings(max_new_tokens=n, pad_id=models.pad_id(base.tokenizer),
                                        prefix=prefix.DecodeOptions(position_offset=n_prefix))
     print(f"SmolLM2-135M float32, prefix {n_prefix} slots, greedy {n} new tokens, "
@@ -130,15 +154,20 @@ def main() -> None:
     print("| batch | prefix_jax tok/s | transformers generate tok/s | ratio | transformers forward "
           "loop tok/s | ratio | rows with prefix_jax's tokens (generate, loop) |")
     print("|---|---|---|---|---|---|---|")
-    for b in map(int, args.batch_sizes.split(",")):
+    for b in batch_sizes:
         ids = base.tokenizer([e2e.format_source(s) for s in sources[:b]],
                              add_special_tokens=False).input_ids
-        bench_batch(base, hf, kv, ids, settings, args.rounds)
+        bench_batch(base, hf, kv, ids, settings, _ROUNDS.value)
 
 
 def bench_batch(base, hf, kv: KV, ids: list[list[int]], settings: decoding.DecodeSettings,
                 rounds: int) -> None:
     """One table row: the three decoders on one batch, alternating, median of `rounds`."""
+    import jax
+    import jax.numpy as jnp
+
+    from prefix_jax.serving import decoding
+
     b, n = len(ids), settings.max_new_tokens
     tokens, valid = decoding.left_pad(ids, settings.pad_id)
 
@@ -170,5 +199,10 @@ def bench_batch(base, hf, kv: KV, ids: list[list[int]], settings: decoding.Decod
           f"{tps['jax'] / tps['loop']:.2f}x | {same['generate']}/{b}, {same['loop']}/{b} |",
           flush=True)
 
+
+def run(argv: list[str] | None = None) -> None:
+    cli.run(main, FLAGS, __doc__, argv)
+
+
 if __name__ == "__main__":
-    main()
+    run()
