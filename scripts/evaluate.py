@@ -37,9 +37,9 @@ def main() -> None:
     if not os.path.isdir(args.workdir):
         cli.fail(f"--workdir={args.workdir} is not a directory; give a training run's workdir")
 
-    from prefix_jax.serving import evaluation
+    from prefix_jax.tasks import report
 
-    result = evaluation.evaluate_workdir(
+    result = report.evaluate_workdir(
         args.workdir, args.split, args.task, args.data_dir, args.num_beams,
         args.length_penalty, args.max_new_tokens, args.batch_size, args.limit)
     print(json.dumps(result, indent=2))
