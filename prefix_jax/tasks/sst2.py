@@ -192,14 +192,14 @@ class SST2(base.Task):
         if config.prefix.get("placement", "prefix") != "prefix":
             raise UserError("prefix.placement='infix' needs a source and a target; a "
                             "classifier reads the whole sentence: use prefix.placement='prefix'")
-        self.train = read(config.data.dir, "train") if training else []
+        self.train_rows = read(config.data.dir, "train") if training else []
         if config.data.train_examples:
             order = np.random.default_rng(config.data.get("subsample_seed", 0)).permutation(
-                len(self.train))
-            self.train = [self.train[i] for i in order[:config.data.train_examples]]
+                len(self.train_rows))
+            self.train_rows = [self.train_rows[i] for i in order[:config.data.train_examples]]
 
     def train_examples(self, tokenizer) -> list[Tokenized]:
-        return tokenize(self.train, tokenizer, self.config.data.max_len)
+        return tokenize(self.train_rows, tokenizer, self.config.data.max_len)
 
     def collate(self, examples, bucket_multiple, pad_id, widths=None):
         return collate(examples, bucket_multiple, pad_id, widths)

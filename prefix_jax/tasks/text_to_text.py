@@ -138,6 +138,8 @@ class TextToTextTask(base.Task):
         """Fail now, not after hours of decoding, if a reportable metric cannot run here."""
 
     def train_examples(self, tokenizer) -> list[pipeline.Tokenized]:
+        if self.train_pairs is None:
+            raise ValueError(f"task {self.name!r} was built with training=False")
         config = self.config
         out = []
         for task, (pairs, data_dir) in enumerate(zip(self.train_pairs, self.dirs)):
