@@ -166,6 +166,14 @@ def eval_config(num_examples: int) -> ml_collections.ConfigDict:
     ))
 
 
+def evals_config(**evaluators: dict) -> ml_collections.ConfigDict:
+    """`config.evals`: named evaluators as data, e.g. `evals_config(dev={"type": "generation"},
+    dev_loss={"type": "loss"})` (tasks/evals.py lists the fields). A config without `evals`
+    gets the evaluators `eval_config` has always meant: dev generation (or accuracy) during
+    training, and the test set with the reportable metrics when `eval.test_at_end`."""
+    return ml_collections.ConfigDict(evaluators)
+
+
 def task_dirs(config: ml_collections.ConfigDict) -> list[str]:
     """Task k's data directory: `data.dir`, then each of `data.extra_dirs` (comma-separated).
     A run with several tasks trains one prefix per task, rows of a batch mixing tasks."""

@@ -40,9 +40,9 @@ def main() -> None:
     if not os.path.isdir(_WORKDIR.value):
         cli.fail(f"--workdir={_WORKDIR.value} is not a directory; give a training run's workdir")
 
-    from prefix_jax.serving import evaluation
+    from prefix_jax.tasks import report
 
-    result = evaluation.evaluate_workdir(
+    result = report.evaluate_workdir(
         _WORKDIR.value, _SPLIT.value, _TASK.value, _DATA_DIR.value, FLAGS.num_beams,
         FLAGS.length_penalty, FLAGS.max_new_tokens, FLAGS.batch_size, _LIMIT.value)
     print(json.dumps(result, indent=2))

@@ -37,11 +37,12 @@ def measure(workdir: str, limit: int, batch_size: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from prefix_jax import models, prefix, train
+    from prefix_jax import models, prefix
     from prefix_jax.data import pipeline
     from prefix_jax.errors import UserError
     from prefix_jax.serving import bank
-    from prefix_jax.tasks import e2e
+    from prefix_jax.tasks import e2e, text_to_text
+    from prefix_jax.tasks.base import Model
 
     run = bank.load_run(workdir)
     config, base = run.config, run.base
@@ -52,19 +53,19 @@ def measure(workdir: str, limit: int, batch_size: int) -> dict:
         raise UserError(f"--workdir={workdir} has no prefix (prefix.length=0)")
     n_layers = base.config.n_layers
     options = prefix.decode_options(config.prefix, base.config)
-    model = train.Model(base.module, run.prefix_module, options)
+    model = Model(base.module, run.prefix_module, options)
     params = {"base": base.params, "prefix": run.prefix_params}
     trained = options.prefix_layers or tuple(range(n_layers))
 
     pairs = e2e.read_pairs(config.data.dir, "dev")[:limit]
-    rows = pipeline.tokenize_pairs(pairs, base.tokenizer, 10**6, "dev")
+    rows = text_to_text.tokenize_pairs(pairs, base.tokenizer, 10**6, "dev")
     pad = models.pad_id(base.tokenizer)
     batches = [pipeline.collate(rows[i:i + batch_size], config.data.bucket_multiple, pad)
                for i in range(0, len(rows), batch_size)]
 
     @jax.jit
     def loss_sum(params, batch, layer_on):
-        return train.target_loss_sum(model, params, batch, layer_on=layer_on)
+        return text_to_text.target_loss_sum(model, params, batch, layer_on=layer_on)
 
     def dev_loss(layers) -> float:
         on = np.zeros(n_layers, bool)
@@ -76,12 +77,12 @@ def measure(workdir: str, limit: int, batch_size: int) -> dict:
     # The base model itself (no prefix slots at all), at the run's positions.
     empty = dataclasses.replace(run.prefix_module, length=0)
     empty_params = prefix.init(empty, jax.random.key(0))  # zero-size arrays
-    base_model = train.Model(base.module, empty, options)
+    base_model = Model(base.module, empty, options)
 
     @jax.jit
     def base_loss_sum(batch):
-        return train.target_loss_sum(base_model, {"base": base.params, "prefix": empty_params},
-                                     batch)
+        return text_to_text.target_loss_sum(
+            base_model, {"base": base.params, "prefix": empty_params}, batch)
 
     sums = [base_loss_sum({k: jnp.asarray(v) for k, v in b.items()}) for b in batches]
     result = {"workdir": os.path.abspath(workdir), "step": run.step, "dev_pairs": len(rows),

@@ -26,10 +26,10 @@ from tqdm import tqdm
 from prefix_jax import configs, models, prefix, tasks
 from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
-from prefix_jax.models.backbone import Backbone
-from prefix_jax.prefix import masks, positions
-from prefix_jax.serving import decoding, peft_format
-from prefix_jax.tasks import e2e, metrics
+from prefix_jax.prefix import positions
+from prefix_jax.serving import peft_format
+from prefix_jax.tasks import evals
+from prefix_jax.tasks.base import EvalContext, LossFn, Model, Task
 from prefix_jax.training import checkpoint, distributed, optim, partition, preemption
 from prefix_jax.training import sharding as shd
 from prefix_jax.training.metric_writer import MetricWriter
@@ -42,132 +42,19 @@ class TrainState:
     opt_state: optax.OptState
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    """The base module and the prefix module: the code (not the weights) of a forward pass."""
-
-    base: Backbone
-    prefix: prefix.Prefix
-    options: prefix.DecodeOptions = dataclasses.field(default_factory=prefix.DecodeOptions)
-    dropout_seed: int = 0  # prefix dropout's key, folded with the step
-
-    def prefix_kv(self, params: dict, dropout_rng: jax.Array | None = None):
-        """The per-layer keys/values of the prefix in `params` (`{"base", "prefix"}`)."""
-        return prefix.compute(self.prefix, params["prefix"], self.base, params["base"],
-                              dropout_rng)
-
-
-def target_logits(model: Model, params: dict, batch: dict[str, jax.Array],
-                  dropout_rng: jax.Array | None = None,
-                  layer_on: jax.Array | None = None) -> jax.Array:
-    """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer (or,
-    with `layer_on` `[L]` bool, only where it is True: scripts/layer_influence.py).
-
-    The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
-    the loss reads it, not on the source and padding positions.
-    """
-    kv = prefix.select(model.prefix_kv(params, dropout_rng), batch.get("prefix_ids"))
-    n_prefix = prefix.length(kv)
-    # an infix is seen from the last source token (target_index[:, 0]: it predicts the target) on
-    target_start = batch["target_index"][:, 0] if model.options.infix else None
-    mask, key_mask = masks.training(model.options, batch["segment_ids"], n_prefix,
-                                    model.prefix.n_layers, target_start, layer_on)
-    hidden, _ = model.base.apply({"params": params["base"]}, batch["tokens"],
-                                 batch["positions"] + model.options.position_offset, mask,
-                                 prefix=kv, return_hidden=True, key_mask=key_mask)
-    hidden = jnp.take_along_axis(hidden, batch["target_index"][..., None], axis=1)
-    return model.base.apply({"params": params["base"]}, hidden, method="logits")
-
-
-def target_loss_sum(model: Model, params: dict, batch: dict[str, jax.Array],
-                    dropout_rng: jax.Array | None = None,
-                    layer_on: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(sum of cross-entropies over the batch's target tokens, number of target tokens)."""
-    logits = target_logits(model, params, batch, dropout_rng, layer_on)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["target_tokens"])
-    weight = batch["target_weight"]
-    return (ce * weight).sum(), weight.sum()
-
-
-def loss_fn(trainable, frozen, batch: dict[str, jax.Array], model: Model,
-            dropout_rng: jax.Array | None = None):
-    """Mean cross-entropy over target tokens; differentiated w.r.t. `trainable` only."""
-    total, count = target_loss_sum(model, partition.merge(trainable, frozen), batch,
-                                   dropout_rng)
-    return total / jnp.maximum(count, 1.0)
-
-
 def train_step(state: TrainState, frozen, batch: dict[str, jax.Array], model: Model,
-               tx: optax.GradientTransformation, task_loss=None
+               tx: optax.GradientTransformation, loss_fn: LossFn
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step; `task_loss` (tasks.Task.loss_fn) replaces the next-token loss."""
+    """One optimizer step of the task's `loss_fn` (tasks.base.Task.loss)."""
     dropout_rng = None
     if model.prefix.dropout:
         dropout_rng = jax.random.fold_in(jax.random.key(model.dropout_seed), state.step)
-    loss, grads = jax.value_and_grad(task_loss or loss_fn)(state.trainable, frozen, batch,
-                                                           model, dropout_rng)
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, frozen, batch, model,
+                                              dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     step_metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
     return TrainState(state.step + 1, trainable, opt_state), step_metrics
-
-
-def evaluate_generation(model: Model, params: dict, tokenizer, sources: list[str],
-                        references: list[list[str]], eval_cfg, with_prefix: bool,
-                        task: int = 0) -> tuple[dict[str, float], list[str]]:
-    """Generations for dev MRs (greedy or beam), scored against all references of each MR,
-    with task `task`'s prefix (multi-task runs)."""
-    kv, options = None, prefix.DecodeOptions()
-    if with_prefix:
-        kv = prefix.select(model.prefix_kv(params), jnp.asarray([task]))
-        options = model.options
-    prompts = [e2e.format_source(s) for s in sources]
-    settings = decoding.settings_for(tokenizer, eval_cfg.max_new_tokens, prefix=options,
-                                     num_beams=eval_cfg.num_beams,
-                                     length_penalty=eval_cfg.length_penalty)
-    predictions = decoding.generate(model.base, params["base"], kv, tokenizer, prompts,
-                                    eval_cfg.batch_size, settings)
-    scores = {"bleu": metrics.corpus_bleu(predictions, references),
-              "rouge_l": metrics.rouge_l(predictions, references)}
-    return scores, predictions
-
-
-def _save_generations(workdir: str, name: str, sources, references, predictions) -> None:
-    os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)
-    with open(os.path.join(workdir, "generations", f"{name}.jsonl"), "w") as f:
-        for s, r, p in zip(sources, references, predictions):
-            f.write(json.dumps({"source": s, "prediction": p, "references": r}) + "\n")
-
-
-def _print_samples(title: str, scores: dict, sources, predictions, n: int) -> None:
-    print(f"\n== {title}: BLEU {scores['bleu']:.1f}  ROUGE-L {scores['rouge_l']:.1f} "
-          f"on {len(sources)} dev MRs ==")
-    for s, p in list(zip(sources, predictions))[:n]:
-        print(f"  MR:   {s}\n  GEN:  {p}")
-
-
-def _evaluate_test(config, model: Model, params: dict, tokenizer, workdir: str,
-                   is_main: bool) -> dict[str, float]:
-    """The whole test split with the reportable metrics (beam search), into eval_test.json."""
-    from prefix_jax.serving import evaluation
-
-    settings = decoding.settings_for(tokenizer, config.eval.max_new_tokens,
-                                     prefix=model.options,
-                                     num_beams=config.eval.test_num_beams,
-                                     length_penalty=config.eval.length_penalty)
-    kv = model.prefix_kv(params)
-    started = time.perf_counter()
-    result = evaluation.evaluate_split(
-        model.base, params["base"], kv, tokenizer, workdir if is_main else None, "e2e", "e2e",
-        config.data.dir, "test", settings, config.eval.test_batch_size,
-        extra={"step": config.train.num_steps})
-    scores = result["scores"]
-    if is_main:
-        print(f"\n== test ({result['num_examples']} MRs, beam {settings.num_beams}): "
-              + ", ".join(f"{k} {v:.2f}" for k, v in scores.items())
-              + f" ({time.perf_counter() - started:.0f} s) ==")
-    return {f"test/{k}": v for k, v in scores.items()}
 
 
 _PREFIX_AXES = shd.regex_axes(prefix.LOGICAL_AXES)
@@ -286,9 +173,10 @@ def _check_workdir(workdir: str) -> None:
                         "writable directory); pick a writable path")
 
 
-def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, meta: dict) -> None:
+def _save_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_iter,
+                     meta: dict) -> None:
     try:
-        checkpoint.save(ckpt, step, state, data_iter, meta)
+        save(ckpt, step, state, data_iter, meta)
     except OSError as e:
         raise UserError(f"writing the step-{step} checkpoint to {ckpt.directory} failed ({e}); "
                         "free disk space or use another --workdir and rerun: the previous "
@@ -296,7 +184,7 @@ def _save_checkpoint(ckpt, step: int, state: TrainState, data_iter, meta: dict) 
 
 
 def _layout(mesh, frozen, state: TrainState) -> dict:
-    """Where the arrays live (written to sharding.json; the tests read it)."""
+    """Where the arrays live (sharding.json: what a reader checks to see FSDP/TP took effect)."""
     base_held = shd.bytes_per_device(frozen)
     state_held = shd.bytes_per_device(state)
     return {"mesh": dict(mesh.shape), "devices": jax.device_count(),
@@ -309,38 +197,55 @@ def _layout(mesh, frozen, state: TrainState) -> dict:
                           {"frozen": frozen, "state": state})[0]}}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Train the configured prefix, evaluate on dev, return the final metrics."""
+def _write_json(workdir: str, name: str, value) -> None:
+    with open(os.path.join(workdir, name), "w") as f:
+        json.dump(value, f, indent=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hooks:
+    """Explicit seams into one run, for callers that need more than a config (fault injection,
+    instrumented steps, a task or model built elsewhere). The defaults are the plain run."""
+
+    task: Task | None = None  # instead of tasks.get(config)
+    load_model: Callable[..., models.LoadedModel] = models.load  # (config.model, seed=)
+    wrap_step: Callable[[Callable], Callable] | None = None  # wraps (state, frozen, batch) ->
+    # (state, metrics) before it is jitted
+    save_checkpoint: Callable = checkpoint.save  # (manager, step, state, data_iter, meta)
+    after_checkpoint: Callable[[int], None] | None = None  # once step's checkpoint is on disk
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       hooks: Hooks | None = None) -> dict[str, float]:
+    """Train the configured prefix on the configured task, run its evaluators, return the
+    final metrics."""
+    hooks = hooks or Hooks()
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
     _check_workdir(workdir)
-    task_def = tasks.get(config)  # reads and checks the data files
+    task = hooks.task or tasks.get(config)  # reads and checks the data files
+    during, at_end = evals.build(config, task)  # reads the evaluation files
     distributed.initialize(config.distributed)  # before any device is touched
     mesh = shd.make_mesh(config.mesh)
     if config.train.batch_size % shd.batch_shards(mesh):
         raise UserError(f"train.batch_size={config.train.batch_size} is not divisible by the "
                         f"{shd.batch_shards(mesh)} batch shards of mesh {dict(mesh.shape)} "
                         "(data x fsdp); use a multiple of it")
-    dev_sets = task_def.dev_sets
-    dev_sources = dev_sets[0][0] if dev_sets else []
-    has_dev = bool(dev_sources) or task_def.evaluate is not None
-    loaded = models.load(config.model, seed=config.seed)
-    tasks.check_model(task_def, loaded)
+    loaded = hooks.load_model(config.model, seed=config.seed)
+    tasks.check_model(task, loaded)
     first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
     if first_position + config.data.max_len > loaded.config.max_seq_len:
         raise UserError(f"data.max_len={config.data.max_len} (starting at position "
                         f"{first_position}) exceeds the model's maximum sequence length "
                         f"{loaded.config.max_seq_len}; lower data.max_len")
-    train_data = task_def.train_examples(loaded.tokenizer)
+    train_data = task.train_examples(loaded.tokenizer)
 
     # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
     # by config.mesh.rules straight from the host arrays, the trainable state beside it.
     fingerprint = checkpoint.base_fingerprint(loaded.params)  # host arrays, before placement
     loaded = place_base(loaded, mesh, shd.parse_rules(config.mesh.rules))
     setup = create_train_state(config, loaded, mesh)
-    model, labels, tx, state, frozen = (setup.model, setup.labels, setup.tx, setup.state,
-                                        setup.frozen)
-    replicated = shd.replicated(mesh)
+    model, labels, state, frozen = setup.model, setup.labels, setup.state, setup.frozen
     n_train = partition.count(state.trainable, setup.layer_masks)
     n_base = partition.count(loaded.params)
 
@@ -349,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     data_iter = pipeline.train_iterator(
         train_data, config.train.batch_size, config.seed, config.data.bucket_multiple,
         models.pad_id(loaded.tokenizer), config.train.num_steps,
-        jax.process_index(), jax.process_count(), task_def.collate, task_def.widths)
+        jax.process_index(), jax.process_count(), task.collate, task.widths)
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
     meta = {"base_fingerprint": fingerprint,
             "model_source": loaded.source,
@@ -366,12 +271,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "sharding.json"), "w") as f:
-            json.dump(layout, f, indent=2)
-        with open(os.path.join(workdir, "params.json"), "w") as f:
-            json.dump({"trainable": n_train, "base": n_base,
-                       "trainable_percent": 100 * n_train / n_base,
-                       "trainable_paths": partition.trainable_paths(labels)}, f, indent=2)
+        _write_json(workdir, "sharding.json", layout)
+        _write_json(workdir, "params.json", {
+            "trainable": n_train, "base": n_base, "trainable_percent": 100 * n_train / n_base,
+            "trainable_paths": partition.trainable_paths(labels)})
     writer = MetricWriter(workdir, enabled=is_main)
     logging.info("model %s: %d base params; trainable %d (%.4f%% of base): %s", loaded.source,
                  n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))
@@ -381,42 +284,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         f"process(es)); frozen base {layout['base_bytes_per_device_max'] / 2**20:.1f} MiB per "
         f"device of {layout['base_bytes'] / 2**20:.1f} MiB")
 
-    # ---- Step functions: jitted once per batch shape, the trainable state donated.
-    # The E2E step is called exactly as before (tests wrap train_step with that signature).
-    task_loss = {} if task_def.loss_fn is None else {"task_loss": task_def.loss_fn}
-    step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, **task_loss),
-                      donate_argnums=(0,),
-                      out_shardings=(setup.state_shardings, replicated))
+    # ---- Step function: jitted once per batch shape, the trainable state donated.
+    step = functools.partial(train_step, model=model, tx=setup.tx, loss_fn=task.loss)
+    step_fn = jax.jit(hooks.wrap_step(step) if hooks.wrap_step else step, donate_argnums=(0,),
+                      out_shardings=(setup.state_shardings, shd.replicated(mesh)))
 
-    def run_eval(step: int, with_prefix: bool, name: str) -> dict[str, float]:
-        """Dev scores of every task (task k > 0 as `task{k}_bleu`, ...), each with its prefix."""
-        if task_def.evaluate is not None:  # e.g. classification accuracy (tasks.py)
-            return task_def.evaluate(model, partition.merge(state.trainable, frozen),
-                                     loaded.tokenizer, with_prefix)
-        results = {}
-        for task, (sources, refs) in enumerate(dev_sets):
-            if not sources:
-                continue
-            started = time.perf_counter()
-            task_name = name if task == 0 else f"{name}_task{task}"
-            scores, predictions = evaluate_generation(
-                model, partition.merge(state.trainable, frozen), loaded.tokenizer, sources,
-                refs, config.eval, with_prefix, task)
-            if is_main:
-                _save_generations(workdir, task_name, sources, refs, predictions)
-                _print_samples(task_name, scores, sources, predictions, config.eval.num_samples)
-            say(f"  ({len(sources)} MRs decoded in {time.perf_counter() - started:.0f} s)")
-            results.update({(k if task == 0 else f"task{task}_{k}"): v for k, v in scores.items()})
-        return results
+    def run_evals(evaluators: dict, step: int, with_prefix: bool = True) -> dict[str, float]:
+        ctx = EvalContext(workdir if is_main else None, is_main, step, say, with_prefix)
+        params = partition.merge(state.trainable, frozen)
+        scores = {}
+        for evaluate in evaluators.values():
+            scores.update(evaluate(model, params, loaded.tokenizer, ctx))
+        return scores
 
     # ---- The untuned model, once per workdir, as the baseline printed beside the result.
     untuned_path = os.path.join(workdir, "eval_untuned.json")
-    if config.eval.eval_untuned and has_dev and not os.path.exists(untuned_path):
-        scores = run_eval(0, with_prefix=False, name="dev_untuned")
+    if config.eval.eval_untuned and during and not os.path.exists(untuned_path):
+        scores = run_evals(during, 0, with_prefix=False)
         writer.write(0, {f"eval_untuned/{k}": v for k, v in scores.items()})
         if is_main:
-            with open(untuned_path, "w") as f:
-                json.dump(scores, f, indent=2)
+            _write_json(workdir, "eval_untuned.json", scores)
 
     # ---- Train loop. Losses stay on the device until a log or checkpoint step, where every
     # pending one is checked: a non-finite loss stops the run before its state is saved.
@@ -437,8 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 seen_shapes.add(shapes)
                 logging.info("compiling the train step for batch shapes %s (%s)", shapes,
                              ", ".join(local))
-            batch = shd.global_batch(local, mesh)
-            state, step_metrics = step_fn(state, frozen, batch)
+            state, step_metrics = step_fn(state, frozen, shd.global_batch(local, mesh))
             pending.append((step, step_metrics["train/loss"]))
             tokens_since += int((local["segment_ids"] > 0).sum()) * jax.process_count()
             bar.update(1)
@@ -460,7 +346,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                 tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
                 checked_losses, tokens_since, time_since = [], 0, time.perf_counter()
             if save_now:
-                _save_checkpoint(ckpt, step, state, data_iter, meta)
+                _save_checkpoint(hooks.save_checkpoint, ckpt, step, state, data_iter, meta)
+                if hooks.after_checkpoint:
+                    ckpt.wait_until_finished()
+                    hooks.after_checkpoint(step)
             if stop.requested:
                 ckpt.wait_until_finished()
                 bar.close()
@@ -468,30 +357,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise preemption.Stopped(step, stop.signum)
             if config.train.eval_every and step % config.train.eval_every == 0 \
                     and step != num_steps:
-                last_eval = run_eval(step, True, f"dev_step{step}")
+                last_eval = run_evals(during, step)
                 writer.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
                 time_since = time.perf_counter()  # eval time is not training throughput
     bar.close()
     ckpt.wait_until_finished()
 
-    # ---- Final evaluation.
-    final = run_eval(num_steps, True, f"dev_step{num_steps}") if has_dev else last_eval
+    # ---- Final evaluation: the 'train'-phase evaluators once more, then the 'end' ones.
+    final = run_evals(during, num_steps) if during else last_eval
     writer.write(num_steps, {f"eval/{k}": v for k, v in final.items()})
     writer.close()
     result = {**{f"eval/{k}": v for k, v in final.items()}, "step": num_steps}
     if os.path.exists(untuned_path):
         with open(untuned_path) as f:
             result.update({f"eval_untuned/{k}": v for k, v in json.load(f).items()})
-    if config.eval.test_at_end:
-        result.update(_evaluate_test(config, model, partition.merge(state.trainable, frozen),
-                                     loaded.tokenizer, workdir, is_main))
+    for name, evaluate in at_end.items():
+        scores = run_evals({name: evaluate}, num_steps)
+        result.update({f"{name}/{k}": v for k, v in scores.items()})
     if is_main:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        _write_json(workdir, "results.json", result)
     before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())
-        how = "greedy" if config.eval.num_beams == 1 else f"beam {config.eval.num_beams}"
-        what = f"{len(dev_sources)} MRs, {how}" if dev_sources else task_def.name
+        what = "; ".join(e.description for e in during.values())
         say(f"\ndev ({what}), untuned -> prefix-tuned: {line}")
     return result

@@ -10,8 +10,7 @@ import ml_collections
 from experiments import e2e_smollm2
 from prefix_jax import configs, train
 from prefix_jax.data import pipeline
-from prefix_jax.tasks import e2e
-from prefix_jax.training import checkpoint
+from prefix_jax.tasks import e2e, text_to_text
 
 E2E_DIR = configs.default_data_dir("e2e")
 
@@ -20,26 +19,19 @@ class SimulatedCrashError(Exception):
     pass
 
 
-def crash_run_after_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int,
-                               monkeypatch) -> None:
+def crash_run_after_checkpoint(config: ml_collections.ConfigDict, workdir: str, step: int
+                               ) -> None:
     """Run training until the checkpoint of `step` is complete, then crash (as a kill would)."""
-    real_save = checkpoint.save
-
-    def save_then_crash(mgr, saved_step, *args):
-        real_save(mgr, saved_step, *args)
+    def crash_at(saved_step: int) -> None:
         if saved_step == step:
-            mgr.wait_until_finished()
             raise SimulatedCrashError(saved_step)
 
-    monkeypatch.setattr(train.checkpoint, "save", save_then_crash)
     try:
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, workdir, train.Hooks(after_checkpoint=crash_at))
     except SimulatedCrashError:
         pass
     else:
         raise AssertionError(f"the run ended without reaching the step-{step} checkpoint")
-    finally:
-        monkeypatch.setattr(train.checkpoint, "save", real_save)
 
 
 def runlocal_config(**overrides) -> ml_collections.ConfigDict:
@@ -56,7 +48,7 @@ def runlocal_config(**overrides) -> ml_collections.ConfigDict:
 
 def tiny_batch(tokenizer, n: int = 4, bucket: int = 16) -> dict:
     pairs = e2e.read_pairs(E2E_DIR, "dev")[:n]
-    data = pipeline.tokenize_pairs(pairs, tokenizer, 512, "dev")
+    data = text_to_text.tokenize_pairs(pairs, tokenizer, 512, "dev")
     return {k: jnp.asarray(v) for k, v in pipeline.collate(data, bucket, 2).items()}
 
 

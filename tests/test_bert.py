@@ -201,5 +201,5 @@ def test_sst2_task_needs_an_encoder(tmp_path):
     config = sst2_minilm_prefix.get_config("runlocal").unlock()
     config.model.path = "tiny"
     config.data.dir = str(data)
-    with pytest.raises(UserError, match="needs a bert model"):
+    with pytest.raises(UserError, match="needs an encoder model"):
         train.train_and_evaluate(config, str(tmp_path / "w"))

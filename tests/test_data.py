@@ -6,7 +6,7 @@ import pytest
 from prefix_jax import models
 from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
-from prefix_jax.tasks import e2e
+from prefix_jax.tasks import e2e, text_to_text
 from tests.helpers import E2E_DIR
 
 
@@ -26,7 +26,7 @@ def test_e2e_splits_and_references():
 
 def test_loss_targets_are_exactly_the_target_and_eos(tokenizer):
     pairs = [e2e.Pair("name[A]", "A is a pub."), e2e.Pair("name[Bb], food[X]", "Bb.")]
-    examples = pipeline.tokenize_pairs(pairs, tokenizer, 128, "x")
+    examples = text_to_text.tokenize_pairs(pairs, tokenizer, 128, "x")
     batch = pipeline.collate(examples, 16, pad_id=2)
     for row, ex in enumerate(examples):
         real = batch["target_weight"][row] > 0
@@ -43,11 +43,11 @@ def test_loss_targets_are_exactly_the_target_and_eos(tokenizer):
 
 def test_too_long_pair_is_an_error(tokenizer):
     with pytest.raises(UserError, match=r"data\.max_len=8"):
-        pipeline.tokenize_pairs([e2e.Pair("name[A]", "A is a pub.")], tokenizer, 8, "f.csv")
+        text_to_text.tokenize_pairs([e2e.Pair("name[A]", "A is a pub.")], tokenizer, 8, "f.csv")
 
 
 def _examples(tokenizer, n=200):
-    return pipeline.tokenize_pairs(e2e.read_pairs(E2E_DIR, "dev")[:n], tokenizer, 512, "dev")
+    return text_to_text.tokenize_pairs(e2e.read_pairs(E2E_DIR, "dev")[:n], tokenizer, 512, "dev")
 
 
 def test_batches_are_bucketed_and_cover_each_epoch_once(tokenizer):

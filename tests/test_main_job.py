@@ -58,7 +58,7 @@ def test_crash_and_rerun_resumes_at_its_step(uninterrupted, tmp_path, monkeypatc
     full_dir, full_result = uninterrupted
     workdir = tmp_path / "crashy"
     config = runlocal_config()
-    crash_run_after_checkpoint(config, str(workdir), 20, monkeypatch)
+    crash_run_after_checkpoint(config, str(workdir), 20)
 
     capsys.readouterr()
     result = train.train_and_evaluate(config, str(workdir))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from prefix_jax import models, train
+from prefix_jax.tasks import text_to_text
 from tests.helpers import runlocal_config, tiny_batch
 
 
@@ -16,7 +17,7 @@ def _setup(**overrides):
 
 
 def _value_and_grad(setup, batch):
-    return jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=(3,))(
+    return jax.jit(jax.value_and_grad(text_to_text.lm_loss), static_argnums=(3,))(
         setup.state.trainable, setup.frozen, batch, setup.model)
 
 
@@ -37,7 +38,7 @@ def test_full_remat_needs_less_temporary_memory_on_long_sequences():
     assert batch["tokens"].shape[1] >= 256
 
     def temp_bytes(setup):
-        fn = jax.jit(jax.grad(train.loss_fn), static_argnums=(3,))
+        fn = jax.jit(jax.grad(text_to_text.lm_loss), static_argnums=(3,))
         compiled = fn.lower(setup.state.trainable, setup.frozen, batch, setup.model).compile()
         return compiled.memory_analysis().temp_size_in_bytes
 
@@ -54,7 +55,7 @@ def test_bfloat16_base_with_float32_prefix_and_optimizer_state():
     assert all(x.dtype in (jnp.float32, jnp.int32) for x in trainable_and_opt)
     assert sum(x.nbytes for x in base) * 2 == sum(x.nbytes for x in jax.tree.leaves(f32.frozen))
     batch = tiny_batch(models.byte_tokenizer())
-    loss32 = float(train.loss_fn(f32.state.trainable, f32.frozen, batch, f32.model))
-    loss16 = float(train.loss_fn(bf16.state.trainable, bf16.frozen, batch, bf16.model))
+    loss32 = float(text_to_text.lm_loss(f32.state.trainable, f32.frozen, batch, f32.model))
+    loss16 = float(text_to_text.lm_loss(bf16.state.trainable, bf16.frozen, batch, bf16.model))
     # the same function of rounded weights: close, not equal
     assert loss16 != loss32 and abs(loss16 - loss32) < 0.02 * loss32

@@ -9,6 +9,8 @@ import pytest
 
 from prefix_jax import configs, models, prefix, train
 from prefix_jax.serving import bank
+from prefix_jax.tasks import text_to_text
+from prefix_jax.tasks.base import Model
 from prefix_jax.training import checkpoint
 from tests.helpers import E2E_DIR, runlocal_config, tiny_batch
 
@@ -20,7 +22,7 @@ def tiny():
 
 def _model(loaded, n):
     module = prefix.build(configs.prefix_config(length=3), loaded.config, num_prefixes=n)
-    return train.Model(loaded.module, module)
+    return Model(loaded.module, module)
 
 
 def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_task(tiny):
@@ -30,14 +32,14 @@ def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_ta
     batch = dict(tiny_batch(tiny.tokenizer, n=4))
     batch["prefix_ids"] = jnp.asarray([0, 1, 1, 0], jnp.int32)
     params = {"base": tiny.params, "prefix": prefix_params}
-    mixed = np.asarray(train.target_logits(two, params, batch))
+    mixed = np.asarray(text_to_text.target_logits(two, params, batch))
 
     one = _model(tiny, 1)
     for task in (0, 1):
         alone_params = {"base": tiny.params,
                         "prefix": {"key": prefix_params["task_keys"][:, task],
                                    "value": prefix_params["task_values"][:, task]}}
-        alone = np.asarray(train.target_logits(one, alone_params, batch))
+        alone = np.asarray(text_to_text.target_logits(one, alone_params, batch))
         ids = np.asarray(batch["prefix_ids"])
         np.testing.assert_allclose(mixed[ids == task], alone[ids == task], atol=1e-5)
         # the other task's rows did use another prefix
@@ -54,7 +56,8 @@ def test_mixed_batch_rows_equal_each_prefix_alone_and_gradients_stay_in_their_ta
 def _loss(model, base_params, prefix_params, batch):
     import optax
 
-    logits = train.target_logits(model, {"base": base_params, "prefix": prefix_params}, batch)
+    params = {"base": base_params, "prefix": prefix_params}
+    logits = text_to_text.target_logits(model, params, batch)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["target_tokens"])
     return (ce * batch["target_weight"]).sum()
 

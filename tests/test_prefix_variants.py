@@ -14,6 +14,8 @@ from prefix_jax import configs, models, prefix, train
 from prefix_jax.models.core import causal_mask, rope_angles
 from prefix_jax.models.llama import DecoderLayer
 from prefix_jax.prefix import masks
+from prefix_jax.tasks import text_to_text
+from prefix_jax.tasks.base import Model
 from prefix_jax.training import partition
 from tests.helpers import runlocal_config, tiny_batch
 
@@ -143,7 +145,8 @@ def _all_logits(model, params, batch):
     b, t = batch["tokens"].shape
     index = jnp.concatenate([batch["target_index"][:, :1],
                              jnp.broadcast_to(jnp.arange(t), (b, t))], axis=1)
-    return np.asarray(train.target_logits(model, params, dict(batch, target_index=index)))[:, 1:]
+    logits = text_to_text.target_logits(model, params, dict(batch, target_index=index))
+    return np.asarray(logits)[:, 1:]
 
 
 def test_eject_gives_the_same_logits(tiny):
@@ -153,11 +156,11 @@ def test_eject_gives_the_same_logits(tiny):
     params = partition.merge(setup.state.trainable, setup.frozen)
     flat_module, flat = prefix.eject(setup.model.prefix, params["prefix"])
     assert partition.count(flat) < partition.count(params["prefix"])
-    flat_model = train.Model(setup.model.base, flat_module, setup.model.options)
+    flat_model = Model(setup.model.base, flat_module, setup.model.options)
     batch = tiny_batch(tiny.tokenizer)
     np.testing.assert_allclose(
-        np.asarray(train.target_logits(flat_model, {**params, "prefix": flat}, batch)),
-        np.asarray(train.target_logits(setup.model, params, batch)), atol=1e-5)
+        np.asarray(text_to_text.target_logits(flat_model, {**params, "prefix": flat}, batch)),
+        np.asarray(text_to_text.target_logits(setup.model, params, batch)), atol=1e-5)
 
 
 def test_mlp_fitted_to_text_values(tiny):
@@ -187,7 +190,8 @@ def test_finetune_top_layer_leaves_other_layers_bitwise(tiny):
     before = jax.tree.map(lambda x: np.array(x, copy=True), tiny.params)
     n_layer_params = partition.count(tiny.params["layers"])
     assert partition.count(setup.state.trainable, setup.layer_masks) == n_layer_params // 2
-    step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx))
+    step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx,
+                                     loss_fn=text_to_text.lm_loss))
     state = setup.state
     batch = tiny_batch(tiny.tokenizer)
     for _ in range(2):
@@ -211,7 +215,8 @@ def test_prefix_dropout_trains_and_evaluates_deterministically(tiny):
     dropped = setup.model.prefix_kv(params, jax.random.key(0))
     zeros = float(jnp.mean(dropped.k == 0))
     assert 0.3 < zeros < 0.7, zeros
-    step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx))
+    step = jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx,
+                                     loss_fn=text_to_text.lm_loss))
     _, metrics = step(setup.state, setup.frozen, tiny_batch(tiny.tokenizer))
     assert np.isfinite(float(metrics["train/loss"]))
 
@@ -241,7 +246,7 @@ def test_cached_greedy_decoding_equals_the_train_path(tiny, overrides):
     batch = {"tokens": jnp.asarray([seq]), "positions": jnp.arange(len(seq))[None],
              "segment_ids": jnp.ones((1, len(seq)), jnp.int32),
              "target_index": jnp.arange(n - 1, len(seq) - 1)[None]}
-    logits = np.asarray(train.target_logits(setup.model, params, batch))[0]
+    logits = np.asarray(text_to_text.target_logits(setup.model, params, batch))[0]
     assert list(logits.argmax(-1)) == generated
     log_probs = jax.nn.log_softmax(logits, axis=-1)[np.arange(len(generated)), generated]
     np.testing.assert_allclose(float(out.scores[0]), float(log_probs.sum()), atol=1e-4)

@@ -99,7 +99,7 @@ def reference_config():
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, reference, monkeypatch,
                                                               capsys):
     workdir = tmp_path / "run"
-    crash_run_after_checkpoint(reference_config(), str(workdir), 20, monkeypatch)
+    crash_run_after_checkpoint(reference_config(), str(workdir), 20)
 
     latest = workdir / "checkpoints" / "20"
     for root, _, files in os.walk(latest / "state"):
@@ -115,21 +115,21 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, referenc
     assert_same_prefix(workdir, reference)
 
 
-def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(tmp_path):
     """A loss that turns NaN at step 7 (injected after the real step) stops the run there."""
     workdir = tmp_path / "run"
-    real_step = train.train_step
 
-    def poisoned_step(state, frozen, batch, model, tx):
-        state, metrics = real_step(state, frozen, batch, model, tx)
-        nan = jnp.where(state.step >= 7, jnp.nan, 0.0)
-        return state, {**metrics, "train/loss": metrics["train/loss"] + nan}
+    def poison(real_step):
+        def poisoned_step(state, frozen, batch):
+            state, metrics = real_step(state, frozen, batch)
+            nan = jnp.where(state.step >= 7, jnp.nan, 0.0)
+            return state, {**metrics, "train/loss": metrics["train/loss"] + nan}
+        return poisoned_step
 
-    monkeypatch.setattr(train, "train_step", poisoned_step)
     config = runlocal_config(eval__num_examples=0, eval__eval_untuned=False,
                              train__checkpoint_every=5)
     with pytest.raises(train.DivergedError, match=r"nan at step 7; last good checkpoint: step 5"):
-        train.train_and_evaluate(config, str(workdir))
+        train.train_and_evaluate(config, str(workdir), train.Hooks(wrap_step=poison))
     report = json.loads((workdir / "crash_report.json").read_text())
     assert report["step"] == 7 and report["loss"] == "nan"
     assert report["last_good_checkpoint"] == 5 and len(report["recent_losses"]) == 1
@@ -138,7 +138,7 @@ def test_nan_loss_stops_names_the_step_and_keeps_the_good_checkpoint(tmp_path, m
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(saved))
 
 
-def test_full_disk_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch):
+def test_full_disk_while_checkpointing_is_one_clear_error(tmp_path):
     workdir = tmp_path / "run"
     config = runlocal_config(eval__num_examples=0, eval__eval_untuned=False)
     real_save = checkpoint.save
@@ -148,9 +148,8 @@ def test_full_disk_while_checkpointing_is_one_clear_error(tmp_path, monkeypatch)
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(mgr, step, *args)
 
-    monkeypatch.setattr(train.checkpoint, "save", save)
     with pytest.raises(UserError, match=r"step-20 checkpoint.*No space left.*previous checkpoint"):
-        train.train_and_evaluate(config, str(workdir))
+        train.train_and_evaluate(config, str(workdir), train.Hooks(save_checkpoint=save))
     assert checkpoint.load_state_arrays(str(workdir))["step"] == 10
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from prefix_jax import models, train
 from prefix_jax.models.core import causal_mask
+from prefix_jax.tasks import text_to_text
 from prefix_jax.training import partition
 from tests.helpers import runlocal_config, tiny_batch
 
@@ -19,7 +20,8 @@ def tiny():
 
 
 def _jit_step(setup):
-    return jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx),
+    return jax.jit(functools.partial(train.train_step, model=setup.model, tx=setup.tx,
+                                     loss_fn=text_to_text.lm_loss),
                    donate_argnums=(0,))
 
 
@@ -54,7 +56,7 @@ def test_target_position_loss_equals_full_logits_loss(tiny):
                                ("target_index", "target_tokens", "target_weight"))):
             if w:
                 total, count = total - float(logp[row, i, tok]), count + 1
-    got = float(train.loss_fn(setup.state.trainable, setup.frozen, batch, setup.model))
+    got = float(text_to_text.lm_loss(setup.state.trainable, setup.frozen, batch, setup.model))
     np.testing.assert_allclose(got, total / count, rtol=1e-5)
 
 

@@ -60,9 +60,9 @@ def _cast(params, dtype: str):
 def _temp_bytes(setup, batch) -> int:
     import jax
 
-    from prefix_jax import train
+    from prefix_jax.tasks import text_to_text
 
-    fn = jax.jit(jax.value_and_grad(train.loss_fn), static_argnums=(3,))
+    fn = jax.jit(jax.value_and_grad(text_to_text.lm_loss), static_argnums=(3,))
     lowered = fn.lower(setup.state.trainable, setup.frozen, batch, setup.model)
     return lowered.compile().memory_analysis().temp_size_in_bytes
 
@@ -76,6 +76,7 @@ def main() -> None:
     import jax.numpy as jnp
 
     from prefix_jax import models, train
+    from prefix_jax.tasks import text_to_text
     from prefix_jax.training import sharding
 
     mib = 2**20
@@ -111,7 +112,7 @@ def main() -> None:
         cast = _cast(loaded.params, dtype)
         setup = train.create_train_state(config, dataclasses.replace(loaded, params=cast))
         base = sum(x.nbytes for x in jax.tree.leaves(setup.frozen))
-        loss = train.loss_fn(setup.state.trainable, setup.frozen,
+        loss = text_to_text.lm_loss(setup.state.trainable, setup.frozen,
                              jax.tree.map(jnp.asarray, batch), setup.model)
         kinds = sorted({str(x.dtype) for x in jax.tree.leaves(setup.state)})
         print(f"  {dtype}: base {base / mib:.0f} MiB, train state dtypes {kinds}, "

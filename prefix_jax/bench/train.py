@@ -74,10 +74,10 @@ def e2e_batches(config, tokenizer, pad: int) -> tuple[list[tuple[dict, list]], l
     """The first E2E_BATCHES training batches of prefix_jax (its batch, the rows' Tokenized),
     and as many batches as an HF Trainer makes them by default (shuffled, no length grouping)."""
     from prefix_jax.data import pipeline
-    from prefix_jax.tasks import e2e
+    from prefix_jax.tasks import e2e, text_to_text
 
     pairs = e2e.read_pairs(config.data.dir, "train")
-    examples = pipeline.tokenize_pairs(pairs, tokenizer, config.data.max_len, "trainset.csv")
+    examples = text_to_text.tokenize_pairs(pairs, tokenizer, config.data.max_len, "trainset.csv")
     plan = pipeline.BatchPlan(np.asarray([len(e.tokens) for e in examples]), E2E_BATCH,
                               config.seed)
     out = []
@@ -139,6 +139,7 @@ class JaxSystem:
         import jax
 
         from prefix_jax import train
+        from prefix_jax.tasks import text_to_text
         from prefix_jax.training import sharding
 
         mesh = sharding.make_mesh(config.mesh)
@@ -146,7 +147,9 @@ class JaxSystem:
         self.setup = train.create_train_state(config, loaded, mesh)
         self.state = self.setup.state
         self.step_fn = jax.jit(functools.partial(train.train_step, model=self.setup.model,
-                                                 tx=self.setup.tx), donate_argnums=(0,),
+                                                 tx=self.setup.tx,
+                                                 loss_fn=text_to_text.lm_loss),
+                               donate_argnums=(0,),
                                out_shardings=(self.setup.state_shardings,
                                               sharding.replicated(mesh)))
         self._jax = jax
@@ -166,18 +169,20 @@ class JaxSystem:
         import jax
 
         from prefix_jax import train
+        from prefix_jax.tasks import text_to_text
 
         model = dataclasses.replace(self.setup.model, base=self.setup.model.base.clone(
             unroll=self.setup.model.base.config.n_layers))
-        step = jax.jit(functools.partial(train.train_step, model=model, tx=self.setup.tx))
+        step = jax.jit(functools.partial(train.train_step, model=model, tx=self.setup.tx,
+                                         loss_fn=text_to_text.lm_loss))
         cost = step.lower(self.state, self.setup.frozen, batch).compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost["flops"])
 
     def loss(self, batch) -> float:
-        from prefix_jax import train
+        from prefix_jax.tasks import text_to_text
 
-        return float(train.loss_fn(self.state.trainable, self.setup.frozen, batch,
+        return float(text_to_text.lm_loss(self.state.trainable, self.setup.frozen, batch,
                                    self.setup.model))
 
     def prefix(self) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,6 @@
-"""Pairs -> tokenized, loss-masked, length-bucketed batches, through a grain MapDataset.
+"""Tokenized examples -> loss-masked, length-bucketed batches, through a grain MapDataset.
+
+Tasks tokenize their own formats (tasks/); this module knows none of them.
 
 Batch `i` of the run is a pure function of (seed, i): each epoch is a seeded permutation, cut
 into chunks of `batch_size * BUCKET_CHUNKS` sequences, sorted by length within a chunk (so a
@@ -17,7 +19,6 @@ import grain
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.tasks.e2e import Pair, format_source
 
 BUCKET_CHUNKS = 50  # batches per sorting chunk: more = less padding, less randomness
 
@@ -27,22 +28,6 @@ class Tokenized:
     tokens: np.ndarray  # int32 [n], source then target (target ends with EOS)
     n_source: int  # first n_source tokens are the prompt (no loss)
     prefix_id: int = 0  # which task's prefix the row trains (multi-task runs)
-
-
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str, prefix_id: int = 0
-                   ) -> list[Tokenized]:
-    """Source and target are tokenized apart, so the loss boundary is exact."""
-    sources = tokenizer([format_source(p.source) for p in pairs], add_special_tokens=False)
-    targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)
-    eos = tokenizer.eos_token_id
-    out = []
-    for i, (s, t) in enumerate(zip(sources.input_ids, targets.input_ids)):
-        ids = np.asarray([*s, *t, eos], dtype=np.int32)
-        if len(ids) > max_len:
-            raise UserError(f"{where}: pair {i} is {len(ids)} tokens, longer than data.max_len="
-                            f"{max_len}; raise data.max_len (up to the model's maximum)")
-        out.append(Tokenized(ids, len(s), prefix_id))
-    return out
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -3,7 +3,8 @@
 Files (see ../shared/data/dart/SOURCE.md): `dart-v1.1.1-full-dev.json` (a list of
 {tripleset, annotations: [{source, text}]}) and `dart-v1.1.1-full-test.xml` (WebNLG-style XML,
 `<entry>` with `<mtriple>subj | REL | obj</mtriple>` and `<lex>` references). No train split
-ships here, so DART is an evaluation task only.
+ships here, so DART is an evaluation task only: its dev and test evaluators (generation + BLEU,
+teacher-forced loss) run on a prefix trained on another task (`evaluate --task=dart`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import os
 import xml.etree.ElementTree as ET
 
 from prefix_jax.errors import UserError
+from prefix_jax.tasks import metrics
+from prefix_jax.tasks.text_to_text import Pair, TextToTextTask
 
 SPLIT_FILES = {"dev": "dart-v1.1.1-full-dev.json", "test": "dart-v1.1.1-full-test.xml"}
 GET_DATA = "put the DART v1.1.1 release there (see ../shared/data/dart/SOURCE.md)"
@@ -47,3 +50,22 @@ def read_split(data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
     if not sources:
         raise UserError(f"{path}: no entries; {GET_DATA}")
     return sources, references
+
+
+class Dart(TextToTextTask):
+    name = "dart"
+    unit = "triple sets"
+    split_file = SPLIT_FILES
+
+    def read_pairs(self, data_dir: str, split: str) -> list[Pair]:
+        if split not in SPLIT_FILES:
+            raise UserError(f"DART has no {split} split here (only {sorted(SPLIT_FILES)}): it "
+                            "is an evaluation task; train on E2E and evaluate with --task=dart")
+        sources, references = read_split(data_dir, split)
+        return [Pair(s, r) for s, refs in zip(sources, references) for r in refs]
+
+    def read_references(self, data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
+        return read_split(data_dir, split)
+
+    def report_scores(self, predictions, references) -> dict[str, float]:
+        return {"bleu": metrics.corpus_bleu(predictions, references)}

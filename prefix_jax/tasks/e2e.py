@@ -8,24 +8,17 @@ its references.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import os
+import shutil
 
 from prefix_jax.errors import UserError
+from prefix_jax.tasks import metrics
+from prefix_jax.tasks.text_to_text import Pair, TextToTextTask, format_source
+
+__all__ = ["E2E", "Pair", "format_source", "group_references", "read_pairs"]
 
 SPLIT_FILES = {"train": "trainset.csv", "dev": "devset.csv", "test": "testset_w_refs.csv"}
 GET_DATA = "run scripts/get_data.sh or set --config.data.dir to a copy of the E2E release"
-
-
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    source: str  # the meaning representation
-    target: str  # one reference text
-
-
-def format_source(mr: str) -> str:
-    """The prompt a pair's text is generated from (the target follows after a space)."""
-    return f"{mr}\nDescription:"
 
 
 def read_pairs(data_dir: str, split: str) -> list[Pair]:
@@ -59,3 +52,27 @@ def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:
     for p in pairs:
         refs.setdefault(p.source, []).append(p.target)
     return list(refs), list(refs.values())
+
+
+class E2E(TextToTextTask):
+    """E2E NLG (and more E2E-format dirs in `data.extra_dirs`, one prefix per task)."""
+
+    name = "e2e"
+    unit = "MRs"
+    split_file = SPLIT_FILES
+    report_metric_names = ("bleu", "nist", "meteor", "rouge_l", "cider")
+
+    def read_pairs(self, data_dir: str, split: str) -> list[Pair]:
+        return read_pairs(data_dir, split)
+
+    def read_references(self, data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
+        return group_references(read_pairs(data_dir, split))
+
+    def report_scores(self, predictions, references) -> dict[str, float]:
+        return metrics.e2e_scores(predictions, references)
+
+    def check_can_report(self) -> None:
+        if shutil.which("java") is None:  # METEOR: say so before hours of decoding, not after
+            raise UserError("E2E evaluation needs Java on the PATH for METEOR 1.5 "
+                            "(pycocoevalcap); install a JRE, e.g. apt-get install "
+                            "default-jre-headless")

@@ -7,13 +7,21 @@ Files (GLUE's release, see ../shared/data/sst2/SOURCE.md): `train.tsv` and `dev.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import time
 import zlib
 
+import jax
+import ml_collections
 import numpy as np
+import optax
 
+from prefix_jax import configs, prefix
 from prefix_jax.data.pipeline import round_up
 from prefix_jax.errors import UserError
+from prefix_jax.tasks import base
+from prefix_jax.training import partition
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
 GET_DATA = "run scripts/get_data.sh or set --config.data.dir to a copy of GLUE's SST-2"
@@ -92,3 +100,116 @@ def collate(examples: list[Tokenized], bucket_multiple: int, pad_id: int,
     seed = zlib.crc32(np.asarray([e.index for e in examples], np.int64).tobytes()) & 0x7FFFFFFF
     batch["dropout_seed"] = np.full((b,), seed, np.int32)
     return batch
+
+
+def classify(model: base.Model, params: dict, batch: dict[str, jax.Array],
+             with_prefix: bool = True, dropout_rng: jax.Array | None = None,
+             prefix_dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Class logits `[B, num_labels]` of a batch; the prefix in its layers when `with_prefix`.
+    Dropout (the head's, the prefix's) runs only when its rng is given."""
+    from prefix_jax.prefix import masks
+
+    kv, options = None, prefix.DecodeOptions()
+    if with_prefix:
+        kv = prefix.select(model.prefix_kv(params, prefix_dropout_rng), batch.get("prefix_ids"))
+        options = model.options
+    base_params = {"params": params["base"]}
+    mask, key_mask = masks.encoder(options, batch["segment_ids"], prefix.length(kv),
+                                   model.prefix.n_layers)
+    hidden = model.base.apply(base_params, batch["tokens"],
+                              batch["positions"] + options.position_offset, mask,
+                              prefix=kv, key_mask=key_mask)
+    rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
+    return model.base.apply(base_params, hidden, batch["segment_ids"], dropout_rng is None,
+                            method="classify", rngs=rngs)
+
+
+def classification_loss(trainable, frozen, batch: dict[str, jax.Array], model: base.Model,
+                        prefix_dropout_rng: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of the head's logits; the head's dropout seeded by the batch, the
+    prefix's (`prefix.dropout`) by the step (train.train_step)."""
+    rng = jax.random.fold_in(jax.random.key(0), batch["dropout_seed"][0])
+    logits = classify(model, partition.merge(trainable, frozen), batch, dropout_rng=rng,
+                      prefix_dropout_rng=prefix_dropout_rng)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
+
+
+class Accuracy:
+    """Dev accuracy and mean cross-entropy of the classifier (type 'accuracy')."""
+
+    metric_names = ("accuracy", "loss")
+
+    def __init__(self, task: SST2, name: str, spec):
+        self.task, self.name, self.spec = task, name, spec
+        dev = read(task.config.data.dir, spec.split)
+        self.examples = dev[:spec.limit] if spec.limit else dev
+        self.description = task.name
+        self._forward = {}  # the jitted forward pass, compiled once per run (per batch width)
+
+    def __call__(self, model: base.Model, params: dict, tokenizer, ctx: base.EvalContext
+                 ) -> dict[str, float]:
+        from prefix_jax.models import pad_id
+
+        if "fn" not in self._forward:
+            self._forward["fn"] = jax.jit(functools.partial(classify, model), static_argnums=(2,))
+        config = self.task.config
+        started = time.perf_counter()
+        examples = tokenize(self.examples, tokenizer, config.data.max_len)
+        order = np.argsort([len(e.tokens) for e in examples], kind="stable")  # less padding
+        size = self.spec.batch_size
+        correct, loss_sum = 0, 0.0
+        for start in range(0, len(order), size):
+            rows = [examples[i] for i in order[start:start + size]]
+            batch = collate(rows, config.data.bucket_multiple, pad_id(tokenizer))
+            logits = np.asarray(self._forward["fn"](params, batch, ctx.with_prefix))
+            labels = batch["labels"]
+            correct += int((logits.argmax(-1) == labels).sum())
+            log_probs = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+            loss_sum += float(-log_probs[np.arange(len(labels)), labels].sum())
+        scores = {"accuracy": 100.0 * correct / max(len(examples), 1),
+                  "loss": loss_sum / max(len(examples), 1)}
+        print(f"\n== dev{'' if ctx.with_prefix else ' (untuned)'}: accuracy "
+              f"{scores['accuracy']:.2f}%  loss {scores['loss']:.4f} on {len(examples)} "
+              f"sentences ({time.perf_counter() - started:.0f} s) ==")
+        return scores
+
+
+class SST2(base.Task):
+    """SST-2 sentiment classification with a BERT encoder's head; dev accuracy and loss."""
+
+    name = "sst2"
+    model_kind = "encoder"
+
+    def __init__(self, config: ml_collections.ConfigDict, training: bool = True):
+        super().__init__(config)
+        if config.eval.test_at_end:
+            raise UserError("eval.test_at_end=True: SST-2's test split has no labels; set it "
+                            "False (the dev accuracy is the reported number)")
+        if configs.task_dirs(config)[1:]:
+            raise UserError("data.extra_dirs is for multi-task E2E runs; leave it empty for "
+                            "sst2")
+        if config.prefix.get("placement", "prefix") != "prefix":
+            raise UserError("prefix.placement='infix' needs a source and a target; a "
+                            "classifier reads the whole sentence: use prefix.placement='prefix'")
+        self.train_rows = read(config.data.dir, "train") if training else []
+        if config.data.train_examples:
+            order = np.random.default_rng(config.data.get("subsample_seed", 0)).permutation(
+                len(self.train_rows))
+            self.train_rows = [self.train_rows[i] for i in order[:config.data.train_examples]]
+
+    def train_examples(self, tokenizer) -> list[Tokenized]:
+        return tokenize(self.train_rows, tokenizer, self.config.data.max_len)
+
+    def collate(self, examples, bucket_multiple, pad_id, widths=None):
+        return collate(examples, bucket_multiple, pad_id, widths)
+
+    def widths(self, examples, bucket_multiple):
+        return padded_width(examples, bucket_multiple)
+
+    def loss(self, trainable, frozen, batch, model, dropout_rng=None):
+        return classification_loss(trainable, frozen, batch, model, dropout_rng)
+
+    def evaluator(self, name: str, spec: ml_collections.ConfigDict) -> base.Evaluator:
+        if spec.type == "accuracy":
+            return Accuracy(self, name, spec)
+        raise base.unsupported(self, name, spec, ("accuracy",))
