@@ -11,7 +11,12 @@ import os
 import ml_collections
 
 from prefix_jax.errors import UserError
-from prefix_jax.prefix import positions
+
+# `prefix.positions` (prefix/positions.py says what each means)
+POSITIONS = ("auto", "zero", "after_prefix")
+# the file names of an HF PEFT adapter directory (serving/peft_format.py)
+PEFT_CONFIG_FILE = "adapter_config.json"
+PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -181,6 +186,21 @@ def task_dirs(config: ml_collections.ConfigDict) -> list[str]:
     return [config.data.dir] + [d.strip() for d in extra.split(",") if d.strip()]
 
 
+def check_peft_adapter(prefix_cfg: ml_collections.ConfigDict) -> None:
+    """What `prefix.init_from_peft` needs that is known before the model loads, so such mistakes
+    fail in a second (serving/peft_format.py reads the adapter itself)."""
+    path = prefix_cfg.init_from_peft
+    where = f"prefix.init_from_peft={path}"
+    files = (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE)
+    if not all(os.path.isfile(os.path.join(path, f)) for f in files):
+        raise UserError(f"{where} is not a PEFT adapter directory (needs {files[0]} and "
+                        f"{files[1]}); point it at a directory written by peft's "
+                        "save_pretrained or `python -m prefix_jax.export`")
+    if prefix_cfg.positions == "zero":
+        raise UserError(f"{where} with prefix.positions='zero': PEFT numbers real tokens from "
+                        "P; set prefix.positions=after_prefix")
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -194,14 +214,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     p, t, o, e, d = config.prefix, config.train, config.optim, config.eval, config.data
     _check(is_int(p.length) and p.length >= 0,
            f"prefix.length={p.length!r}: must be an integer >= 0 (e.g. --config.prefix.length=10)")
-    _check(p.positions in positions.CHOICES,
-           f"prefix.positions={p.positions!r}: must be one of {positions.CHOICES}")
+    _check(p.positions in POSITIONS,
+           f"prefix.positions={p.positions!r}: must be one of {POSITIONS}")
     _check(isinstance(p.get("init_from_peft", ""), str),
            f"prefix.init_from_peft={p.get('init_from_peft')!r}: must be a PEFT adapter dir")
     if p.get("init_from_peft"):
-        from prefix_jax.serving import peft_format
-
-        peft_format.check_config(p)
+        check_peft_adapter(p)
     _check(p.init_std >= 0, f"prefix.init_std={p.init_std}: must be >= 0")
     for name, allowed in (("mode", ("kv", "hidden", "input")), ("placement", ("prefix", "infix")),
                           ("reparam", ("none", "mlp")),

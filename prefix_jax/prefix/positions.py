@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import ml_collections
 
-CHOICES = ("auto", "zero", "after_prefix")
-
 
 def resolve(positions: str, model_config, mode: str = "kv") -> str:
     """'zero' or 'after_prefix' for a `prefix.positions` value, a base model's config and the

@@ -19,12 +19,12 @@ import os
 import ml_collections
 import numpy as np
 
+from prefix_jax import configs
 from prefix_jax.errors import UserError
 from prefix_jax.models.core import KV
 from prefix_jax.prefix import positions
 
-WEIGHTS_FILE = "adapter_model.safetensors"
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE, WEIGHTS_FILE = configs.PEFT_CONFIG_FILE, configs.PEFT_WEIGHTS_FILE
 TENSOR = "prompt_embeddings"
 
 
@@ -84,20 +84,6 @@ def write_adapter(out_dir: str, kv: KV, model_config, base_model: str) -> None:
         f.write("\n")
 
 
-def check_config(prefix_cfg: ml_collections.ConfigDict) -> None:
-    """What `prefix.init_from_peft` needs that is known before the model loads (configs.validate
-    calls this, so such mistakes fail in a second)."""
-    path = prefix_cfg.init_from_peft
-    where = f"prefix.init_from_peft={path}"
-    if not all(os.path.isfile(os.path.join(path, f)) for f in (CONFIG_FILE, WEIGHTS_FILE)):
-        raise UserError(f"{where} is not a PEFT adapter directory (needs {CONFIG_FILE} and "
-                        f"{WEIGHTS_FILE}); point it at a directory written by peft's "
-                        "save_pretrained or `python -m prefix_jax.export`")
-    if prefix_cfg.positions == "zero":
-        raise UserError(f"{where} with prefix.positions='zero': PEFT numbers real tokens from "
-                        "P; set prefix.positions=after_prefix")
-
-
 def read_adapter(path: str) -> tuple[dict, np.ndarray]:
     """The adapter config and `prompt_embeddings` of a PEFT prefix-tuning adapter directory."""
     from safetensors.numpy import load_file
@@ -123,7 +109,7 @@ def read_adapter(path: str) -> tuple[dict, np.ndarray]:
 def load_prefix(prefix_cfg: ml_collections.ConfigDict, model_config) -> KV:
     """The prefix `KV([L, 1, P, K, D])` of the adapter at `prefix_cfg.init_from_peft`, checked
     against the base model and the prefix config (one UserError naming the mismatch)."""
-    check_config(prefix_cfg)
+    configs.check_peft_adapter(prefix_cfg)
     path = prefix_cfg.init_from_peft
     config, embeddings = read_adapter(path)
     where = f"prefix.init_from_peft={path}"
