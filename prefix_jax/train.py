@@ -32,6 +32,7 @@ from prefix_jax.tasks import evals
 from prefix_jax.tasks.base import EvalContext, LossFn, Model, Task
 from prefix_jax.training import checkpoint, distributed, optim, partition, preemption
 from prefix_jax.training import sharding as shd
+from prefix_jax.training import workdir as workdir_io
 from prefix_jax.training.metric_writer import MetricWriter
 
 
@@ -160,19 +161,6 @@ def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_m
     return losses
 
 
-def _check_workdir(workdir: str) -> None:
-    """The workdir is a writable directory, or can be created as one."""
-    path = os.path.abspath(workdir)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"--workdir={workdir} is a file, not a directory; pick another path")
-    existing = path
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--workdir={workdir} cannot be created or written ({existing} is not a "
-                        "writable directory); pick a writable path")
-
-
 def _save_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_iter,
                      meta: dict) -> None:
     try:
@@ -181,25 +169,6 @@ def _save_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_it
         raise UserError(f"writing the step-{step} checkpoint to {ckpt.directory} failed ({e}); "
                         "free disk space or use another --workdir and rerun: the previous "
                         "checkpoint is kept") from e
-
-
-def _layout(mesh, frozen, state: TrainState) -> dict:
-    """Where the arrays live (sharding.json: what a reader checks to see FSDP/TP took effect)."""
-    base_held = shd.bytes_per_device(frozen)
-    state_held = shd.bytes_per_device(state)
-    return {"mesh": dict(mesh.shape), "devices": jax.device_count(),
-            "processes": jax.process_count(),
-            "base_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)),
-            "base_bytes_per_device_max": max(base_held.values(), default=0),
-            "state_bytes_per_device_max": max(state_held.values(), default=0),
-            "specs": {partition.path_str(p): str(x.sharding.spec)
-                      for p, x in jax.tree_util.tree_flatten_with_path(
-                          {"frozen": frozen, "state": state})[0]}}
-
-
-def _write_json(workdir: str, name: str, value) -> None:
-    with open(os.path.join(workdir, name), "w") as f:
-        json.dump(value, f, indent=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     hooks = hooks or Hooks()
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
-    _check_workdir(workdir)
+    workdir_io.check(workdir)
     task = hooks.task or tasks.get(config)  # reads and checks the data files
     during, at_end = evals.build(config, task)  # reads the evaluation files
     distributed.initialize(config.distributed)  # before any device is touched
@@ -267,12 +236,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         say(f"resumed from step {int(state.step)} ({ckpt.directory})")
 
     # ---- Workdir and logs (only process 0 writes).
-    layout = _layout(mesh, frozen, state)
+    layout = shd.layout(mesh, frozen, state)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
-        _write_json(workdir, "sharding.json", layout)
-        _write_json(workdir, "params.json", {
+        workdir_io.write_json(workdir, "sharding.json", layout)
+        workdir_io.write_json(workdir, "params.json", {
             "trainable": n_train, "base": n_base, "trainable_percent": 100 * n_train / n_base,
             "trainable_paths": partition.trainable_paths(labels)})
     writer = MetricWriter(workdir, enabled=is_main)
@@ -303,7 +272,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scores = run_evals(during, 0, with_prefix=False)
         writer.write(0, {f"eval_untuned/{k}": v for k, v in scores.items()})
         if is_main:
-            _write_json(workdir, "eval_untuned.json", scores)
+            workdir_io.write_json(workdir, "eval_untuned.json", scores)
 
     # ---- Train loop. Losses stay on the device until a log or checkpoint step, where every
     # pending one is checked: a non-finite loss stops the run before its state is saved.
@@ -375,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scores = run_evals({name: evaluate}, num_steps)
         result.update({f"{name}/{k}": v for k, v in scores.items()})
     if is_main:
-        _write_json(workdir, "results.json", result)
+        workdir_io.write_json(workdir, "results.json", result)
     before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())

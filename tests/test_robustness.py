@@ -20,7 +20,7 @@ from prefix_jax import train
 from prefix_jax.errors import UserError
 from prefix_jax.training import checkpoint
 from tests.helpers import crash_run_after_checkpoint, runlocal_config
-from tests.test_bad_input import FAST, REPO, RUNLOCAL, run_main
+from tests.test_bad_input import FAST, REPO, RUNLOCAL, run_main_process
 
 STEPS = ["--config.train.num_steps=40", "--config.train.checkpoint_every=5"]
 
@@ -72,7 +72,7 @@ def test_signal_saves_and_exits_cleanly_then_resumes(tmp_path, reference, sig):
     assert f"stopped by {sig.name} at step" in err and "Traceback" not in err
     stopped_at = int(err.split("at step ")[1].split(":")[0])
     assert checkpoint.load_state_arrays(str(workdir))["step"] == stopped_at
-    result = run_main(RUNLOCAL, *FAST, *STEPS, workdir=workdir)
+    result = run_main_process(RUNLOCAL, *FAST, *STEPS, workdir=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resumed from step {stopped_at}" in result.stdout
     assert_same_prefix(workdir, reference)
@@ -86,7 +86,7 @@ def test_kill_9_then_rerun_gives_the_same_prefix(tmp_path, reference):
         time.sleep(0.5)
         proc.kill()
         proc.communicate()
-    result = run_main(RUNLOCAL, *FAST, *STEPS, workdir=workdir)
+    result = run_main_process(RUNLOCAL, *FAST, *STEPS, workdir=workdir)
     assert result.returncode == 0, result.stderr[-2000:]
     assert_same_prefix(workdir, reference)
 

@@ -193,3 +193,17 @@ def regex_axes(table: Sequence[tuple[str, Sequence[str | None]]]) -> AxesFn:
         return (None,) * ndim
 
     return axes_fn
+
+
+def layout(mesh, frozen, state) -> dict:
+    """Where the arrays live (sharding.json: what a reader checks to see FSDP/TP took effect)."""
+    base_held = bytes_per_device(frozen)
+    state_held = bytes_per_device(state)
+    return {"mesh": dict(mesh.shape), "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "base_bytes": sum(x.nbytes for x in jax.tree.leaves(frozen)),
+            "base_bytes_per_device_max": max(base_held.values(), default=0),
+            "state_bytes_per_device_max": max(state_held.values(), default=0),
+            "specs": {path_str(p): str(x.sharding.spec)
+                      for p, x in jax.tree_util.tree_flatten_with_path(
+                          {"frozen": frozen, "state": state})[0]}}
