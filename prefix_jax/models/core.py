@@ -28,9 +28,17 @@ class KV(NamedTuple):
     v: jax.Array
 
 
-def rope_angles(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """cos and sin `[B, T, head_dim]` in the half-split layout used by HF Llama checkpoints."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    """The standard RoPE inverse frequencies `[head_dim / 2]` (float32)."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def rope_angles(positions: jax.Array, head_dim: int, theta: float,
+                inv_freq: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """cos and sin `[B, T, head_dim]` in the half-split layout used by HF Llama checkpoints;
+    `inv_freq` replaces the standard frequencies of `theta` (scaled RoPE variants)."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -124,6 +132,20 @@ def bidirectional_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
     real = (segment_ids > 0)[:, None, :]
     prefix_mask = jnp.ones((*segment_ids.shape, n_prefix), dtype=bool)
     return jnp.concatenate([prefix_mask, same & real], axis=-1)
+
+
+def sliding_window(mask: jax.Array, window: int) -> jax.Array:
+    """`mask` `[B, T, S]` narrowed so each query sees only keys less than `window` positions
+    back (itself included): transformers' `kv_idx > q_idx - sliding_window`.
+
+    The distance of a key from a query is counted in the mask itself: the number of keys the
+    query sees after that key. For a causal mask (with or without a cache, packing, padding or
+    a prefix in front) that is exactly the difference of their positions, padding not counted
+    and the P prefix slots standing at the P positions before the first real token; so one rule
+    serves training, prefill and decoding steps, whatever position the first token has."""
+    seen = mask.astype(jnp.int32)
+    seen_later = jnp.cumsum(seen[..., ::-1], axis=-1)[..., ::-1] - seen
+    return mask & (seen_later < window)
 
 
 def cache_mask(slot_valid: jax.Array, query_slots: jax.Array) -> jax.Array:

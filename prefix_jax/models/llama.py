@@ -9,11 +9,17 @@ Two ways to call the model, one code path:
 - with a cache `[L, B, S, K, D]` (decoding): this call's keys/values are written at `cache_index`
   and the queries attend over the whole cache; the mask is `[B, T, S]`. The prefix lives in the
   cache's first slots, written once by the decoder, so it is not passed again.
+
+The HF Llama-family variants are fields of `LlamaConfig` (hf_llama.py maps each `model_type`):
+Llama 3.x `llama3` RoPE scaling, q/k/v (and o) biases (Qwen2, Llama/Qwen3 `attention_bias`),
+RMSNorms of each query/key head before RoPE (Qwen3), and a sliding attention window in every
+layer (Mistral; see `core.sliding_window` and docs/models.md for how it meets a prefix).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import chex
@@ -30,6 +36,8 @@ from prefix_jax.models.core import (
     layer_keys_values,
     rms_norm,
     rope_angles,
+    rope_inv_freq,
+    sliding_window,
     with_layer_keys,
 )
 
@@ -43,9 +51,42 @@ LOGICAL_AXES = (
     (r"layers/(gate_proj|up_proj)/kernel$", ("layers", "embed", "mlp")),
     (r"layers/down_proj/kernel$", ("layers", "mlp", "embed")),
     (r"layers/\w+_layernorm/scale$", ("layers", "embed")),
+    (r"layers/q_proj/bias$", ("layers", "heads")),
+    (r"layers/(k_proj|v_proj)/bias$", ("layers", "kv_heads")),
+    (r"layers/o_proj/bias$", ("layers", "embed")),
+    (r"layers/(q_norm|k_norm)/scale$", ("layers", None)),
     (r"(^|/)norm/scale$", ("embed",)),
     (r"lm_head/kernel$", ("embed", "vocab")),
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """Llama 3.x RoPE (`rope_type: llama3`): low frequencies divided by `factor`, high ones kept,
+    a smooth blend between (transformers' `_compute_llama3_parameters`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def inv_freq(self, head_dim: int, theta: float) -> jax.Array:
+        """The scaled inverse frequencies `[head_dim / 2]`, float32 as transformers computes
+        them (same operations in the same order)."""
+        inv_freq = rope_inv_freq(head_dim, theta)
+        old_context = self.original_max_position_embeddings
+        low_freq_wavelen = old_context / self.low_freq_factor
+        high_freq_wavelen = old_context / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = ((old_context / wavelen - self.low_freq_factor)
+                  / (self.high_freq_factor - self.low_freq_factor))
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return jnp.where(is_medium, smoothed, scaled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,18 +103,39 @@ class LlamaConfig:
     tie_embeddings: bool = True
     max_seq_len: int = 2048
     dtype: str = "float32"  # compute dtype of activations; parameters keep their own
+    # The HF family variant (defaults: a plain Llama, as GGUF files and tiny models are).
+    model_type: str = "llama"  # HF model_type: 'llama', 'qwen2', 'qwen3' or 'mistral'
+    rope_scaling: Llama3RopeScaling | None = None  # None: standard RoPE of `rope_theta`
+    qkv_bias: bool = False  # q/k/v projections have biases (Qwen2; attention_bias)
+    o_bias: bool = False  # the output projection has a bias (attention_bias of Llama/Qwen3)
+    qk_norm: bool = False  # RMSNorm over each query/key head before RoPE (Qwen3)
+    sliding_window: int | None = None  # each query sees keys < this many positions back
 
     name: ClassVar[str] = "Llama-family"
-    # Every prefix mode: `hidden` projects through this family's norm and K/V weights
-    # (prefix._project_hidden), `input` runs the model on trainable embeddings.
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        kind="decoder", positions="rotary", prefix_modes=("kv", "hidden", "input"))
     logical_axes: ClassVar[tuple] = LOGICAL_AXES
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of "
                              f"n_kv_heads={self.n_kv_heads}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or None")
+
+    @property
+    def capabilities(self) -> Capabilities:
+        """`kv` and `input` for every variant (`input` runs the model itself on trainable
+        embeddings). `hidden` projects prefix states through the norm and K/V kernels alone,
+        with standard RoPE (prefix._project_hidden), so only variants without biases, q/k norms
+        or scaled RoPE compute it exactly."""
+        plain = not (self.qkv_bias or self.qk_norm or self.rope_scaling is not None)
+        modes = ("kv", "hidden", "input") if plain else ("kv", "input")
+        return Capabilities(kind="decoder", positions="rotary", prefix_modes=modes)
+
+    def inv_freq(self) -> jax.Array | None:
+        """RoPE inverse frequencies when they are not the standard ones of `rope_theta`."""
+        if self.rope_scaling is None:
+            return None
+        return self.rope_scaling.inv_freq(self.head_dim, self.rope_theta)
 
 
 class RMSNorm(nn.Module):
@@ -84,8 +146,8 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
 
 
-def _dense(features: int, name: str, dtype) -> nn.Dense:
-    return nn.Dense(features, use_bias=False, dtype=dtype, name=name,
+def _dense(features: int, name: str, dtype, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
                     kernel_init=nn.initializers.lecun_normal())
 
 
@@ -103,16 +165,20 @@ class DecoderLayer(nn.Module):
         self.sow("intermediates", "layer_input", x)
         mask = with_layer_keys(mask, key_mask)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm")(x)
-        q = _dense(cfg.n_heads * cfg.head_dim, "q_proj", dtype)(h).reshape(b, t, cfg.n_heads, -1)
-        k = _dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", dtype)(h).reshape(
+        q = _dense(cfg.n_heads * cfg.head_dim, "q_proj", dtype, cfg.qkv_bias)(h).reshape(
+            b, t, cfg.n_heads, -1)
+        k = _dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", dtype, cfg.qkv_bias)(h).reshape(
             b, t, cfg.n_kv_heads, -1)
-        v = _dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", dtype)(h).reshape(
+        v = _dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", dtype, cfg.qkv_bias)(h).reshape(
             b, t, cfg.n_kv_heads, -1)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_eps, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_eps, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
         attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
-        x = x + _dense(cfg.d_model, "o_proj", dtype)(attn).astype(x.dtype)
+        x = x + _dense(cfg.d_model, "o_proj", dtype, cfg.o_bias)(attn).astype(x.dtype)
 
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm")(x)
         gate = _dense(cfg.d_ff, "gate_proj", dtype)(h)
@@ -197,7 +263,9 @@ class Llama(nn.Module):
             chex.assert_shape(embeddings, (b, t, cfg.d_model))
             x = embeddings
         x = x.astype(jnp.dtype(cfg.dtype))
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta)
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.inv_freq())
+        if cfg.sliding_window is not None:
+            mask = sliding_window(mask, cfg.sliding_window)
         x, kv = self.layers(x, cos, sin, mask, prefix, cache, cache_index, key_mask)
         x = self.norm(x)
         if return_hidden:
