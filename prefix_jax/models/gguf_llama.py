@@ -34,6 +34,10 @@ def config_from_gguf(reader, dtype: str = "float32") -> LlamaConfig:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"GGUF architecture is '{arch}', only 'llama' is supported")
+    scaling = _field(reader, "llama.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ValueError(f"llama.rope.scaling.type is '{scaling}', only unscaled RoPE is "
+                         "supported for GGUF files")
     n_heads = int(_field(reader, "llama.attention.head_count"))
     d_model = int(_field(reader, "llama.embedding_length"))
     tied = not any(t.name == "output.weight" for t in reader.tensors)
@@ -83,6 +87,8 @@ def load_gguf(path: str, dtype: str = "float32") -> tuple[LlamaConfig, dict]:
             elif kind == "attn_k":
                 w = _unpermute_rope_rows(w, cfg.n_kv_heads)
             tensors[f"model.layers.{layer}.{_GGUF_TO_HF[kind]}.{suffix}"] = w
+        else:  # e.g. Llama 3.x's rope_freqs: a variant the loader would otherwise ignore
+            raise ValueError(f"tensor '{t.name}' is not supported in a GGUF file")
     return cfg, params_from_hf(cfg, tensors)
 
 
