@@ -302,6 +302,19 @@ def test_tensors_that_do_not_fit_are_refused(saved, tmp_path, edit, match):
     _refused(path, match)
 
 
+def test_weights_in_another_dtype_are_refused(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _edit_tensors(path, lambda t: t.update(
+        {"model.norm.weight": t["model.norm.weight"].to(torch.int8)}))
+    _refused(path, "'model.norm.weight' in .* is stored as I8")
+
+
+def test_an_invalid_config_is_refused(saved, tmp_path):
+    path = _copy(saved, tmp_path)
+    _edit_config(path, num_hidden_layers="four")
+    _refused(path, "config.json is not a valid Gemma 2 config .*'num_hidden_layers'")
+
+
 def test_a_missing_shard_is_refused(saved, tmp_path):
     path = _copy(saved, tmp_path)
     index = {"weight_map": {"model.embed_tokens.weight": "model-00002-of-00002.safetensors"}}

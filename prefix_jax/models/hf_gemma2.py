@@ -188,15 +188,17 @@ def _read_safetensors(file: str) -> dict[str, np.ndarray]:
 def read_hf_dir(path: str):
     """(`transformers` config, HF-named float32 tensors) of a Gemma 2 directory."""
     import transformers
+    from huggingface_hub.errors import StrictDataclassError
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"model.path={path} has no config.json: give an HF model directory")
     try:
         hf_config = transformers.AutoConfig.from_pretrained(path)
-    except (ValueError, TypeError, KeyError, OSError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # transformers validates fields as strict dataclasses; their error is no ValueError.
+    except (StrictDataclassError, ValueError, TypeError, KeyError, OSError) as e:
+        reason = " ".join(line.strip() for line in str(e).splitlines()) or type(e).__name__
         raise UserError(f"model.path={path}: config.json is not a valid Gemma 2 config "
-                        f"({first_line}); fix the field it names") from e
+                        f"({reason}); fix the field it names") from e
     tensors: dict[str, np.ndarray] = {}
     for name in _safetensors_files(path):
         tensors.update(_read_safetensors(os.path.join(path, name)))
