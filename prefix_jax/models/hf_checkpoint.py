@@ -53,9 +53,12 @@ def read_config(path: str):
     if not model_type:
         raise UserError(f"{config_path} has no model_type: save the model with transformers' "
                         "save_pretrained, which writes it")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(path)
-    except (ValueError, KeyError, OSError) as e:
+    # transformers validates fields as strict dataclasses; their error is no ValueError.
+    except (StrictDataclassError, ValueError, TypeError, KeyError, OSError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{config_path} (model_type={model_type!r}) is not a config this "
                         f"transformers can read: {first_line}") from e
