@@ -69,9 +69,9 @@ def test_prompt_template_is_used_in_training_and_decoding():
     assert task.prompt("France") == "What is the capital of France?\nAnswer:"
     tokenizer = models.byte_tokenizer()
     example = task.train_examples(tokenizer)[0]
-    text = tokenizer.decode(example.tokens[:example.source_len])
+    text = tokenizer.decode(example.tokens[:example.n_source])
     assert text == "What is the capital of France?\nAnswer:"
-    assert tokenizer.decode(example.tokens[example.source_len:-1]) == " Paris"
+    assert tokenizer.decode(example.tokens[example.n_source:-1]) == " Paris"
 
 
 def test_training_false_reads_no_file(tmp_path):
