@@ -334,7 +334,7 @@ def readme_quickstart() -> list[str]:
     """The bash lines of README's "Your model, your data" block (between its markers)."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         text = f.read()
-    block = text.split("<!-- quickstart: begin -->")[1].split("<!-- quickstart: end -->")[0]
+    block = text.split("<!-- quickstart: begin")[1].split("<!-- quickstart: end -->")[0]
     return block.split("```bash\n")[1].split("```")[0].splitlines()
 
 
