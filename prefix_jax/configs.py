@@ -21,9 +21,34 @@ PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# names a folder holding one subfolder per task (e2e/, sst2/, dart/), as scripts/get_data.sh
+# writes it
+DATA_ENV = "PREFIX_JAX_DATA"
+
+
 def default_data_dir(task: str) -> str:
-    """`../shared/data/<task>` beside the checkout (where the workplace keeps the data)."""
-    return os.path.normpath(os.path.join(_REPO_ROOT, "..", "shared", "data", task))
+    """Where a task's data is found without flags (an experiment's default `data.dir`).
+
+    Search order, first match wins:
+      1. the flag `--config.data.dir=DIR` (it replaces this default, so it always wins);
+      2. `$PREFIX_JAX_DATA/<task>` when that environment variable is set (used even if the
+         folder is missing, so a wrong setting is reported rather than silently skipped);
+      3. `./data/<task>` in the current directory;
+      4. `data/<task>` in the checkout (where `scripts/get_data.sh` writes by default);
+      5. `../shared/data/<task>` beside the checkout (where the workplace keeps the data).
+    When none exists, the checkout's `data/<task>`: the error then names the folder that
+    scripts/get_data.sh fills.
+    """
+    root = os.environ.get(DATA_ENV)
+    if root:
+        return os.path.normpath(os.path.join(os.path.abspath(root), task))
+    candidates = [os.path.join(os.getcwd(), "data", task),
+                  os.path.join(_REPO_ROOT, "data", task),
+                  os.path.join(_REPO_ROOT, "..", "shared", "data", task)]
+    for path in candidates:
+        if os.path.isdir(path):
+            return os.path.normpath(path)
+    return os.path.normpath(candidates[1])
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -177,6 +202,45 @@ def evals_config(**evaluators: dict) -> ml_collections.ConfigDict:
     gets the evaluators `eval_config` has always meant: dev generation (or accuracy) during
     training, and the test set with the reportable metrics when `eval.test_at_end`."""
     return ml_collections.ConfigDict(evaluators)
+
+
+def jsonl_data(data_dir: str = "", prompt: str = "{source}\nAnswer:"
+               ) -> ml_collections.ConfigDict:
+    """The `data` section of a `jsonl` run: text-to-text from your JSONL files
+    (tasks/jsonl.py)."""
+    return ml_collections.ConfigDict(dict(
+        task="jsonl",
+        dir=data_dir,  # folder the *_file paths below are relative to ('' = current directory)
+        train_file="train.jsonl",  # one JSON object per line; '' = no such split
+        dev_file="dev.jsonl",
+        test_file="test.jsonl",
+        source_field="source",  # the JSON field put into the prompt
+        target_field="target",  # the text to generate: a string or a list of references
+        prompt=prompt,  # the source's template, one {source}; the target follows after a space
+        max_len=128,  # longest prompt+target in tokens; longer training rows are an error
+        train_examples=0,  # use only the first N shuffled training pairs; 0 = all
+        subsample_seed=0,  # which random N pairs train_examples takes (apart from seed)
+        bucket_multiple=16,  # batches are padded to a multiple of this (bounds recompiles)
+    ))
+
+
+def jsonl_classification_data(data_dir: str = "") -> ml_collections.ConfigDict:
+    """The `data` section of a `jsonl_classification` run: text -> label from your JSONL files
+    (tasks/jsonl.py); pair it with `model.num_labels=0` (the label count of the train file)."""
+    return ml_collections.ConfigDict(dict(
+        task="jsonl_classification",
+        dir=data_dir,  # folder the *_file paths below are relative to ('' = current directory)
+        train_file="train.jsonl",  # one JSON object per line; '' = no such split
+        dev_file="dev.jsonl",
+        test_file="",  # '' = none (a test file needs labels too)
+        text_field="text",  # the JSON field classified
+        label_field="label",  # its class: a string or an integer
+        labels=(),  # the label set, sorted; () = the train file's (the run records it here)
+        max_len=64,  # tokens per text incl. special tokens; longer ones are truncated
+        train_examples=0,  # use only N shuffled training rows; 0 = all
+        subsample_seed=0,  # which random N rows train_examples takes (apart from seed)
+        bucket_multiple=8,  # batches are padded to a multiple of this (bounds recompiles)
+    ))
 
 
 def task_dirs(config: ml_collections.ConfigDict) -> list[str]:

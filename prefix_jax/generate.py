@@ -5,10 +5,11 @@ r"""Generate from trained prefixes: one source per input line, one generation pe
   python -m prefix_jax.generate --workdir=runs/a --workdir=runs/b --input=mixed.txt --out=out.txt
   python -m prefix_jax.generate --workdir=runs/e2e --input=prompts.txt --out=out.txt --raw
 
-With one --workdir every line is a source (an E2E MR), formatted as in training. With several,
-each line is `K<TAB>source`: K (0-based) picks the --workdir whose prefix that line uses, and
-lines with different prefixes share batches. --raw takes each line (after any `K<TAB>`) as the
-exact prompt text, with no task formatting (for checks against other tools).
+With one --workdir every line is a source (an E2E MR, a JSONL source), put into the prompt its
+run trained with. With several, each line is `K<TAB>source`: K (0-based) picks the --workdir
+whose prefix that line uses, and lines with different prefixes share batches. --raw takes each
+line (after any `K<TAB>`) as the exact prompt text, with no task formatting (for checks against
+other tools).
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def main() -> None:
         if not os.path.isdir(w):
             cli.fail(f"--workdir={w} is not a directory; give a training run's workdir")
 
+    from prefix_jax import tasks
     from prefix_jax.serving import bank, decoding
-    from prefix_jax.tasks import e2e
 
     choices = dict(num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
                    do_sample=_DO_SAMPLE.value, temperature=_TEMPERATURE.value,
@@ -96,7 +97,9 @@ def main() -> None:
     run = bank.load(_WORKDIR.value)
     settings = decoding.settings_for(run.base.tokenizer, FLAGS.max_new_tokens,
                                      prefix=run.options, **choices)
-    prompts = sources if _RAW.value else [e2e.format_source(s) for s in sources]
+    # each row's prompt as its run trained on it (E2E's "\nDescription:", a JSONL data.prompt)
+    prompt_of = [tasks.get(c, training=False).prompt for c in run.configs]
+    prompts = sources if _RAW.value else [prompt_of[r](s) for s, r in zip(sources, rows)]
     generations = decoding.generate(run.base.module, run.base.params, run.prefixes,
                                     run.base.tokenizer, prompts, FLAGS.batch_size, settings,
                                     prefix_rows=rows, seed=_SEED.value)

@@ -200,7 +200,40 @@ CATALOG = {
     "checkpoint-of-another-prefix-shape": (
         lambda t: ([RUNLOCAL, *FAST, "--config.prefix.length=3"], trained_workdir(t)),
         "trainable shapes"),
+    "jsonl-invalid-json": (lambda t: ([JSONL, jsonl_dir(t, '{"country": "A",')], None),
+                           "train.jsonl:2: invalid JSON"),
+    "jsonl-missing-field": (lambda t: ([JSONL, jsonl_dir(t, '{"country": "A"}')], None),
+                            "train.jsonl:2: no field 'capital'"),
+    "jsonl-non-string-field": (
+        lambda t: ([JSONL, jsonl_dir(t, '{"country": "A", "capital": 1}')], None),
+        "train.jsonl:2: field 'capital'"),
+    "jsonl-bad-prompt": (lambda t: ([JSONL, "--config.data.prompt={question}"], None),
+                         "data.prompt="),
+    "jsonl-unknown-dev-label": (
+        lambda t: ([JSONL_CLS, labelled_dir(t)], None), "dev.jsonl:1: label 'mixed'"),
 }
+
+JSONL = f"--config={os.path.join(REPO, 'experiments', 'jsonl_example.py')}:runlocal"
+JSONL_CLS = (f"--config={os.path.join(REPO, 'experiments', 'jsonl_classification_example.py')}"
+             ":runlocal")
+
+
+def jsonl_dir(tmp, bad_line: str) -> str:
+    """The capitals fixture with a bad second train line."""
+    d = tmp / "capitals"
+    d.mkdir()
+    (d / "train.jsonl").write_text('{"country": "B", "capital": "C"}\n' + bad_line + "\n")
+    return f"--config.data.dir={d}"
+
+
+def labelled_dir(tmp) -> str:
+    """The sentiment fixture with a dev label the train file does not have."""
+    d = tmp / "sentiment"
+    d.mkdir()
+    os.symlink(os.path.join(REPO, "tests", "fixtures", "sentiment", "train.jsonl"),
+               d / "train.jsonl")
+    (d / "dev.jsonl").write_text('{"text": "so so", "label": "mixed"}\n')
+    return f"--config.data.dir={d}"
 
 
 def _garbage(tmp):

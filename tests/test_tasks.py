@@ -97,6 +97,6 @@ def test_dart_test_evaluator_runs_through_the_task_interface(tiny):
 
 
 def test_the_registry_names_every_task_and_refuses_others():
-    assert tasks.TASKS == ("e2e", "dart", "sst2")
+    assert tasks.TASKS == ("e2e", "dart", "sst2", "jsonl", "jsonl_classification")
     with pytest.raises(UserError, match=r"data.task='nosuch' is not one of"):
         tasks.get(runlocal_config(data__task="nosuch"))

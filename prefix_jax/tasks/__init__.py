@@ -6,6 +6,8 @@ asked for, so importing this package loads no reader, metric or model code.
 - `e2e`: E2E NLG (and more E2E-format dirs in `data.extra_dirs`, one prefix per task).
 - `dart`: DART (evaluation only: no train split ships here).
 - `sst2`: SST-2 sentiment classification with a BERT encoder's head; dev accuracy and loss.
+- `jsonl`, `jsonl_classification`: your own JSONL files, text-to-text on a decoder or
+  text -> label on an encoder (tasks/jsonl.py).
 
 A new task: a module with a `base.Task` subclass (or a `text_to_text.TextToTextTask` one) and
 one line here.
@@ -24,6 +26,8 @@ REGISTRY = {  # name -> (module, class)
     "e2e": ("prefix_jax.tasks.e2e", "E2E"),
     "dart": ("prefix_jax.tasks.dart", "Dart"),
     "sst2": ("prefix_jax.tasks.sst2", "SST2"),
+    "jsonl": ("prefix_jax.tasks.jsonl", "JsonlTextToText"),
+    "jsonl_classification": ("prefix_jax.tasks.jsonl", "JsonlClassification"),
 }
 TASKS = tuple(REGISTRY)
 

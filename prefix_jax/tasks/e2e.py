@@ -13,7 +13,7 @@ import shutil
 
 from prefix_jax.errors import UserError
 from prefix_jax.tasks import metrics
-from prefix_jax.tasks.text_to_text import Pair, TextToTextTask, format_source
+from prefix_jax.tasks.text_to_text import Pair, TextToTextTask, format_source, group_references
 
 __all__ = ["E2E", "Pair", "format_source", "group_references", "read_pairs"]
 
@@ -44,14 +44,6 @@ def read_pairs(data_dir: str, split: str) -> list[Pair]:
     if not pairs:
         raise UserError(f"{path}: no data rows; {GET_DATA}")
     return pairs
-
-
-def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:
-    """Unique MRs in order of first appearance, with all references of each."""
-    refs: dict[str, list[str]] = {}
-    for p in pairs:
-        refs.setdefault(p.source, []).append(p.target)
-    return list(refs), list(refs.values())
 
 
 class E2E(TextToTextTask):

@@ -10,7 +10,9 @@
                   written to eval_<name>.json.
   split           'dev' or 'test' (default: dev in phase 'train', test in phase 'end')
   limit           first N sources only, 0 = all (default: eval.num_examples in 'train', 0 in 'end')
-  metrics         generation: 'quick' (BLEU, ROUGE-L) or 'report' (E2E: the challenge's five)
+  metrics         generation: 'quick' (BLEU, ROUGE-L), 'report' (the task's reportable set,
+                  E2E: the challenge's five), or metric names from GENERATION_METRICS as a
+                  tuple or a comma-separated string, e.g. 'bleu,exact_match'
   num_beams, batch_size, max_new_tokens, length_penalty, num_samples: as in config.eval
                   (in phase 'end': eval.test_num_beams, eval.test_batch_size)
 
@@ -26,6 +28,8 @@ from prefix_jax.errors import UserError
 from prefix_jax.tasks.base import Evaluator, Task
 
 TYPES = ("generation", "loss", "accuracy")
+# metrics a generation evaluator can be asked for by name (tasks/metrics.py computes them)
+GENERATION_METRICS = ("bleu", "rouge_l", "exact_match")
 PHASES = ("train", "end")
 _FIELDS = ("type", "phase", "split", "limit", "metrics", "num_beams", "batch_size",
            "max_new_tokens", "length_penalty", "num_samples")
@@ -68,9 +72,7 @@ def specs(config: ml_collections.ConfigDict, task: Task) -> dict[str, ml_collect
         full.update(spec)
         if full["split"] not in ("dev", "test"):
             raise UserError(f"evals.{name}.split={full['split']!r} must be 'dev' or 'test'")
-        if full["metrics"] not in ("quick", "report"):
-            raise UserError(f"evals.{name}.metrics={full['metrics']!r} must be 'quick' or "
-                            "'report'")
+        full["metrics"] = _metrics(name, full["metrics"])
         for field in ("limit", "num_beams", "batch_size", "max_new_tokens", "num_samples"):
             value = full[field]
             if not isinstance(value, int) or isinstance(value, bool) or value < (
@@ -79,6 +81,22 @@ def specs(config: ml_collections.ConfigDict, task: Task) -> dict[str, ml_collect
                                 f"{'>= 0' if field in ('limit', 'num_samples') else '> 0'}")
         out[name] = ml_collections.ConfigDict(full)
     return out
+
+
+def _metrics(name: str, given) -> str | tuple[str, ...]:
+    """'quick', 'report', or a tuple of named metrics (from a tuple or 'bleu,exact_match')."""
+    if given in ("quick", "report"):
+        return given
+    names = given.split(",") if isinstance(given, str) else given
+    if not isinstance(names, (list, tuple)):
+        names = None
+    else:
+        names = tuple(n.strip() if isinstance(n, str) else n for n in names)
+    if not names or any(n not in GENERATION_METRICS for n in names) or len(set(names)) < len(
+            names):
+        raise UserError(f"evals.{name}.metrics={given!r} must be 'quick', 'report' or distinct "
+                        f"metric names from {GENERATION_METRICS} (e.g. 'bleu,exact_match')")
+    return names
 
 
 def build(config: ml_collections.ConfigDict, task: Task

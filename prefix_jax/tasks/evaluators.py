@@ -1,11 +1,12 @@
 """Evaluators of text-to-text tasks, one per `config.evals` type (see tasks/evals.py):
 
 - `DevGeneration` (type 'generation', phase 'train'): decode the first `limit` sources of every
-  task dir, score BLEU/ROUGE-L (or the task's report set), write `generations/<name>_<tag>.jsonl`,
-  print a few samples. Cheap enough to run during training.
+  task dir, score BLEU/ROUGE-L (or the task's report set, or the metrics the spec names), write
+  `generations/<name>_<tag>.jsonl`, print a few samples. Cheap enough to run during training.
 - `ReportGeneration` (type 'generation', phase 'end'): the run's own split with the task's
-  reportable metrics, into `predictions_<name>.txt`, `generations/<name>.jsonl`,
-  `eval_<name>.json` (serving/evaluation.py writes them). The evaluate tool uses it too.
+  reportable metrics (or the metrics the spec names), into `predictions_<name>.txt`,
+  `generations/<name>.jsonl`, `eval_<name>.json` (serving/evaluation.py writes them). The
+  evaluate tool uses it too.
 - `TeacherForcedLoss` (type 'loss'): mean next-token loss and perplexity of the references.
 """
 
@@ -28,12 +29,22 @@ from prefix_jax.tasks import metrics, text_to_text
 from prefix_jax.tasks.base import EvalContext, Model
 
 QUICK_METRICS = ("bleu", "rouge_l")
-_LABELS = {"bleu": "BLEU", "rouge_l": "ROUGE-L"}
+_LABELS = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "exact_match": "EM"}
 
 
 def _settings(tokenizer, spec, options: prefix.DecodeOptions) -> decoding.DecodeSettings:
     return decoding.settings_for(tokenizer, spec.max_new_tokens, prefix=options,
                                  num_beams=spec.num_beams, length_penalty=spec.length_penalty)
+
+
+def _scoring(task: text_to_text.TextToTextTask, chosen):
+    """(metric names, scores(predictions, references)) of a spec's `metrics`: 'quick',
+    'report' (the task's own set; checked now, not after hours of decoding) or named ones."""
+    if chosen == "report":
+        task.check_can_report()
+        return task.report_metric_names, task.report_scores
+    names = QUICK_METRICS if chosen == "quick" else tuple(chosen)
+    return names, functools.partial(metrics.scores, names)
 
 
 def _prefix_of(model: Model, params: dict, task: int, ctx: EvalContext):
@@ -46,24 +57,16 @@ def _prefix_of(model: Model, params: dict, task: int, ctx: EvalContext):
 class DevGeneration:
     def __init__(self, task: text_to_text.TextToTextTask, name: str, spec):
         self.task, self.name, self.spec = task, name, spec
-        if spec.metrics == "report":
-            task.check_can_report()
+        names, self._score = _scoring(task, spec.metrics)
         n = spec.limit
         self.sets = []
         for data_dir in task.dirs:
             sources, refs = task.read_references(data_dir, spec.split)
             self.sets.append((sources[:n] if n else sources, refs[:n] if n else refs))
-        names = QUICK_METRICS if spec.metrics == "quick" else task.report_metric_names
         self.metric_names = tuple(k if t == 0 else f"task{t}_{k}"
                                   for t in range(len(self.sets)) for k in names)
         how = "greedy" if spec.num_beams == 1 else f"beam {spec.num_beams}"
         self.description = f"{len(self.sets[0][0])} {task.unit}, {how}"
-
-    def _score(self, predictions, references) -> dict[str, float]:
-        if self.spec.metrics == "report":
-            return self.task.report_scores(predictions, references)
-        return {"bleu": metrics.corpus_bleu(predictions, references),
-                "rouge_l": metrics.rouge_l(predictions, references)}
 
     def __call__(self, model: Model, params: dict, tokenizer, ctx: EvalContext
                  ) -> dict[str, float]:
@@ -77,7 +80,7 @@ class DevGeneration:
             kv, options = _prefix_of(model, params, task, ctx)
             predictions = decoding.generate(
                 model.base, params["base"], kv, tokenizer,
-                [text_to_text.format_source(s) for s in sources], self.spec.batch_size,
+                [self.task.prompt(s) for s in sources], self.spec.batch_size,
                 _settings(tokenizer, self.spec, options))
             scores = self._score(predictions, refs)
             if ctx.is_main and ctx.workdir is not None:
@@ -112,13 +115,12 @@ class ReportGeneration:
     def __init__(self, task: text_to_text.TextToTextTask, name: str, spec,
                  data_dir: str | None = None):
         self.task, self.name, self.spec = task, name, spec
-        task.check_can_report()
+        self.metric_names, self._score = _scoring(task, spec.metrics)
         self.data_dir = data_dir or task.dirs[0]
         sources, references = task.read_references(self.data_dir, spec.split)
         if spec.limit:
             sources, references = sources[:spec.limit], references[:spec.limit]
         self.sources, self.references = sources, references
-        self.metric_names = task.report_metric_names
         self.description = f"{len(sources)} {task.unit}, beam {spec.num_beams}"
 
     def run(self, module, base_params: dict, kv, options: prefix.DecodeOptions, tokenizer,
@@ -128,8 +130,8 @@ class ReportGeneration:
         return evaluation.evaluate_split(
             module, base_params, kv, tokenizer, workdir, self.name, self.task.name,
             self.spec.split, self.sources, self.references,
-            [text_to_text.format_source(s) for s in self.sources],
-            self.task.report_scores, _settings(tokenizer, self.spec, options),
+            [self.task.prompt(s) for s in self.sources],
+            self._score, _settings(tokenizer, self.spec, options),
             self.spec.batch_size, extra)
 
     def __call__(self, model: Model, params: dict, tokenizer, ctx: EvalContext
@@ -173,7 +175,7 @@ class TeacherForcedLoss:
         loss_sum = self._jitted[key]
         config = self.task.config
         examples = text_to_text.tokenize_pairs(self.pairs, tokenizer, config.data.max_len,
-                                               self.where)
+                                               self.where, prompt=self.task.prompt)
         order = np.argsort([len(e.tokens) for e in examples], kind="stable")  # less padding
         total, count = 0.0, 0.0
         for start in range(0, len(order), self.spec.batch_size):

@@ -24,6 +24,29 @@ def rouge_l(predictions: list[str], references: list[list[str]]) -> float:
     return 100.0 * sum(scores) / max(len(scores), 1)
 
 
+def normalize_answer(text: str) -> str:
+    """What exact match compares: case-folded, whitespace collapsed, ends stripped. (No
+    punctuation or article removal as in SQuAD's script: that is English-specific.)"""
+    return " ".join(text.casefold().split())
+
+
+def exact_match(predictions: list[str], references: list[list[str]]) -> float:
+    """Percent of examples whose prediction equals one of its references (normalize_answer)."""
+    hits = [normalize_answer(pred) in {normalize_answer(r) for r in refs}
+            for pred, refs in zip(predictions, references)]
+    return 100.0 * sum(hits) / max(len(hits), 1)
+
+
+# the metrics a generation evaluator can be asked for by name (tasks/evals.GENERATION_METRICS)
+BY_NAME = {"bleu": corpus_bleu, "rouge_l": rouge_l, "exact_match": exact_match}
+
+
+def scores(names: tuple[str, ...], predictions: list[str], references: list[list[str]]
+           ) -> dict[str, float]:
+    """The named metrics (keys of BY_NAME) of the predictions, in the order named."""
+    return {name: BY_NAME[name](predictions, references) for name in names}
+
+
 def nist(predictions: list[str], references: list[list[str]], n: int = 5) -> float:
     """Corpus NIST (nltk) over sacrebleu's 13a tokens (the mteval-v13a tokenization), n-grams
     up to 5 as mteval's default; E2E reports it unscaled (e.g. 8.8)."""

@@ -6,6 +6,7 @@ Files (GLUE's release, see ../shared/data/sst2/SOURCE.md): `train.tsv` and `dev.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import os
@@ -139,9 +140,9 @@ class Accuracy:
 
     metric_names = ("accuracy", "loss")
 
-    def __init__(self, task: SST2, name: str, spec):
+    def __init__(self, task: Classification, name: str, spec):
         self.task, self.name, self.spec = task, name, spec
-        dev = read(task.config.data.dir, spec.split)
+        dev = task.read_split(spec.split)
         self.examples = dev[:spec.limit] if spec.limit else dev
         self.description = task.name
         self._forward = {}  # the jitted forward pass, compiled once per run (per batch width)
@@ -174,28 +175,26 @@ class Accuracy:
         return scores
 
 
-class SST2(base.Task):
-    """SST-2 sentiment classification with a BERT encoder's head; dev accuracy and loss."""
+def subsample(config: ml_collections.ConfigDict, rows: list) -> list:
+    """The first `data.train_examples` rows in a shuffled order (all when it is 0); the order
+    has its own seed (`data.subsample_seed`), apart from the init/order seed."""
+    if not config.data.train_examples:
+        return rows
+    order = np.random.default_rng(config.data.get("subsample_seed", 0)).permutation(len(rows))
+    return [rows[i] for i in order[:config.data.train_examples]]
 
-    name = "sst2"
+
+class Classification(base.Task):
+    """A sentence -> label task on an encoder's head: subclasses read their splits into
+    `Example`s (`read_split`) and set `train_rows`; tokenizing, batching, the loss and the
+    accuracy evaluator are shared."""
+
     model_kind = "encoder"
+    train_rows: list[Example]
 
-    def __init__(self, config: ml_collections.ConfigDict, training: bool = True):
-        super().__init__(config)
-        if config.eval.test_at_end:
-            raise UserError("eval.test_at_end=True: SST-2's test split has no labels; set it "
-                            "False (the dev accuracy is the reported number)")
-        if configs.task_dirs(config)[1:]:
-            raise UserError("data.extra_dirs is for multi-task E2E runs; leave it empty for "
-                            "sst2")
-        if config.prefix.get("placement", "prefix") != "prefix":
-            raise UserError("prefix.placement='infix' needs a source and a target; a "
-                            "classifier reads the whole sentence: use prefix.placement='prefix'")
-        self.train_rows = read(config.data.dir, "train") if training else []
-        if config.data.train_examples:
-            order = np.random.default_rng(config.data.get("subsample_seed", 0)).permutation(
-                len(self.train_rows))
-            self.train_rows = [self.train_rows[i] for i in order[:config.data.train_examples]]
+    @abc.abstractmethod
+    def read_split(self, split: str) -> list[Example]:
+        """Every example of `split` ('train', 'dev' or 'test'), labels as class indices."""
 
     def train_examples(self, tokenizer) -> list[Tokenized]:
         return tokenize(self.train_rows, tokenizer, self.config.data.max_len)
@@ -213,3 +212,29 @@ class SST2(base.Task):
         if spec.type == "accuracy":
             return Accuracy(self, name, spec)
         raise base.unsupported(self, name, spec, ("accuracy",))
+
+
+def check_single_prefix(config: ml_collections.ConfigDict, task: str) -> None:
+    """A classifier has one data dir and reads whole sentences: no multi-task, no infix."""
+    if configs.task_dirs(config)[1:]:
+        raise UserError(f"data.extra_dirs is for multi-task E2E runs; leave it empty for {task}")
+    if config.prefix.get("placement", "prefix") != "prefix":
+        raise UserError("prefix.placement='infix' needs a source and a target; a "
+                        "classifier reads the whole sentence: use prefix.placement='prefix'")
+
+
+class SST2(Classification):
+    """SST-2 sentiment classification with a BERT encoder's head; dev accuracy and loss."""
+
+    name = "sst2"
+
+    def __init__(self, config: ml_collections.ConfigDict, training: bool = True):
+        super().__init__(config)
+        if config.eval.test_at_end:
+            raise UserError("eval.test_at_end=True: SST-2's test split has no labels; set it "
+                            "False (the dev accuracy is the reported number)")
+        check_single_prefix(config, "sst2")
+        self.train_rows = subsample(config, read(config.data.dir, "train")) if training else []
+
+    def read_split(self, split: str) -> list[Example]:
+        return read(self.config.data.dir, split)

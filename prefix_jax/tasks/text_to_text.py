@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import os
+from collections.abc import Callable
 from typing import ClassVar
 
 import jax
@@ -38,10 +39,20 @@ def format_source(source: str) -> str:
     return f"{source}\nDescription:"
 
 
-def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str, prefix_id: int = 0
-                   ) -> list[pipeline.Tokenized]:
-    """Source and target are tokenized apart, so the loss boundary is exact."""
-    sources = tokenizer([format_source(p.source) for p in pairs], add_special_tokens=False)
+def group_references(pairs: list[Pair]) -> tuple[list[str], list[list[str]]]:
+    """Unique sources in order of first appearance, with all references of each (rows sharing
+    a source are its references, as in E2E)."""
+    refs: dict[str, list[str]] = {}
+    for p in pairs:
+        refs.setdefault(p.source, []).append(p.target)
+    return list(refs), list(refs.values())
+
+
+def tokenize_pairs(pairs: list[Pair], tokenizer, max_len: int, where: str, prefix_id: int = 0,
+                   prompt: Callable[[str], str] = format_source) -> list[pipeline.Tokenized]:
+    """Source and target are tokenized apart, so the loss boundary is exact; `prompt` turns a
+    source into the text the target follows (the task's `prompt`)."""
+    sources = tokenizer([prompt(p.source) for p in pairs], add_special_tokens=False)
     targets = tokenizer([" " + p.target for p in pairs], add_special_tokens=False)
     eos = tokenizer.eos_token_id
     out = []
@@ -127,6 +138,10 @@ class TextToTextTask(base.Task):
 
     report_metric_names: tuple[str, ...] = ("bleu",)
 
+    def prompt(self, source: str) -> str:
+        """The text a source's target follows, in training and in decoding alike."""
+        return format_source(source)
+
     def check_can_report(self) -> None:
         """Fail now, not after hours of decoding, if a reportable metric cannot run here."""
 
@@ -144,7 +159,7 @@ class TextToTextTask(base.Task):
                 pairs = [pairs[i] for i in order[:config.data.train_examples]]
             out += tokenize_pairs(pairs, tokenizer, config.data.max_len,
                                   os.path.join(data_dir, self.split_file.get("train", "")),
-                                  task)
+                                  task, prompt=self.prompt)
         return out
 
     def collate(self, examples, bucket_multiple, pad_id, widths=None):
