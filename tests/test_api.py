@@ -70,7 +70,7 @@ def test_generate_equals_the_generate_tool(snippet_run, tmp_path, capsys):
                               "--max_new_tokens=16", "--num_beams=4", capsys=capsys)
     assert status == 0, err
     want = api.generate(ns["run"], mrs, prefix_rows=[0, 1], num_beams=4, max_new_tokens=16)
-    assert (tmp_path / "out.txt").read_text().splitlines() == [t.replace("\n", " ")
+    assert (tmp_path / "out.txt").read_text().splitlines() == [" ".join(t.splitlines())
                                                                for t in want]
 
 
