@@ -13,7 +13,7 @@ import ml_collections
 from prefix_jax.errors import UserError
 
 # `prefix.positions` (prefix/positions.py says what each means)
-POSITIONS = ("auto", "zero", "after_prefix")
+POSITIONS = ("default", "auto", "zero", "after_prefix")
 # the file names of an HF PEFT adapter directory (serving/peft_format.py)
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -149,9 +149,9 @@ def prefix_config(length: int = 10) -> ml_collections.ConfigDict:
         init_std=1.0,  # std of the random init (PEFT's nn.Embedding default is 1.0)
         init_text="table-to-text:",  # init='text': words whose activations start the prefix
         init_fit_steps=300,  # reparam='mlp' with init 'text'/'vocab': Adam steps fitting the MLP
-        positions="auto",  # real tokens start at 0 ('zero') or at P ('after_prefix', as HF/PEFT,
-        # needed to export to / load from PEFT); 'auto': after_prefix for GPT-2 (learned
-        # positions), zero for Llama (see positions.py)
+        positions="default",  # real tokens start at 0 ('zero') or at P ('after_prefix', as
+        # HF/PEFT, needed to export to / load from PEFT); 'default': after_prefix for decoders,
+        # zero for encoders; 'auto' (old runs' default): zero for Llama (see positions.py)
         init_from_peft="",  # a PEFT prefix-tuning adapter dir to start from (overrides init;
         # needs mode kv and after_prefix positions), e.g. to evaluate a PEFT-trained adapter
     ))

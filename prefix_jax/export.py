@@ -4,14 +4,19 @@ r"""Export a trained prefix as an HF PEFT prefix-tuning adapter.
   python -m prefix_jax.export --workdir=runs/multi --task_index=1 --out=adapters/task1
 
 Writes `adapter_model.safetensors` and `adapter_config.json` (peft_format.py) from the run's
-newest checkpoint; load them in torch with `PeftModel.from_pretrained(base_model, OUT)` where
-`base_model` holds the same weights as the run's `model.path`. Only runs trained with
-`prefix.positions=after_prefix` (the default for GPT-2; set it for Llama) export: PEFT numbers
-real tokens from P. Mistakes end with one `error:` line, exit status 2, and nothing written.
+newest checkpoint, `base_model_name_or_path` naming the base portably (an HF id, a directory's or
+a GGUF file's name), plus `prefix_jax.json` (the base's resolved path, the run, the step) and a
+README.md model card (base, task, data, the run's results.json metrics, config). Load it in torch
+with `PeftModel.from_pretrained(base_model, OUT)` where `base_model` holds the same weights as
+the run's `model.path`. Only runs whose real tokens start at P export (PEFT numbers them so):
+`prefix.positions` `default` (every decoder run since issue 14) or `after_prefix`; runs recorded
+with `auto` on a Llama-family model (the old default) or `zero` are refused. Mistakes end with
+one `error:` line, exit status 2, and nothing written.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 from absl import flags
@@ -37,7 +42,7 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
         raise UserError(f"--out={out} is a file; give a new directory")
     from prefix_jax import configs
     from prefix_jax.prefix import positions
-    from prefix_jax.serving import bank, peft_format
+    from prefix_jax.serving import bank, model_card, peft_format
     from prefix_jax.training import partition
     config = bank.read_config(workdir)
     n_tasks = len(configs.task_dirs(config))
@@ -68,9 +73,9 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
                 f"{config.prefix.positions!r} ({used}: real tokens from position 0), but PEFT "
                 "numbers them from P; queries carry their position (RoPE / learned embeddings), "
                 "so this adapter would give different outputs in PEFT. Retrain with "
-                "--config.prefix.positions=after_prefix")
+                "--config.prefix.positions=after_prefix (or 'default', new runs' default)")
 
-    if config.prefix.positions != "auto":  # known without loading the model
+    if config.prefix.positions in ("zero", "after_prefix"):  # known without loading the model
         check_positions(config.prefix.positions)
     loaded = bank.load([workdir])
     check_positions(positions.resolve(config.prefix.positions, loaded.base.config))
@@ -83,10 +88,28 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
         raise UserError(f"--workdir={workdir} has a prefix at {kv.k.shape[0]} of "
                         f"{loaded.base.config.n_layers} layers; a PEFT adapter has one at every "
                         "layer")
-    peft_format.write_adapter(out, kv, loaded.base.config, loaded.base.source)
+    base_name = peft_format.base_model_name(config.model.path, loaded.base.source)
+    results_path = os.path.join(workdir, "results.json")
+    results = None
+    if os.path.isfile(results_path):
+        try:
+            with open(results_path) as f:
+                results = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{results_path} is not valid JSON ({e}); restore it or delete it "
+                            "(the model card then says the run has no results)") from e
+    provenance = {"base_model_path": loaded.base.source, "model.path": config.model.path,
+                  "workdir": os.path.abspath(workdir), "step": loaded.steps[0],
+                  "task_index": task, "prefix.positions": config.prefix.positions}
+    card = model_card.render(config, results, base_name=base_name,
+                             base_path=loaded.base.source, workdir=workdir,
+                             step=loaded.steps[0], task_index=task,
+                             data_dir=configs.task_dirs(config)[task],
+                             n_virtual_tokens=kv.k.shape[2], n_layers=kv.k.shape[0])
+    peft_format.write_adapter(out, kv, loaded.base.config, base_name, provenance, card)
     return (f"wrote {out}: PEFT prefix-tuning adapter, {kv.k.shape[2]} virtual tokens x "
             f"{kv.k.shape[0]} layers, from step {loaded.steps[0]} of {workdir} "
-            f"(base {config.model.path})")
+            f"(base_model_name_or_path {base_name!r})")
 
 
 def main() -> None:

@@ -104,7 +104,8 @@ def main() -> None:
                                     run.base.tokenizer, prompts, FLAGS.batch_size, settings,
                                     prefix_rows=rows, seed=_SEED.value)
     with open(_OUT.value, "w", encoding="utf-8") as f:
-        f.writelines(g.replace("\n", " ") + "\n" for g in generations)
+        # one line each: any line break a reader splits on (\r, \x0b, \u2028, ...) becomes a space
+        f.writelines(" ".join(g.splitlines()) + "\n" for g in generations)
     print(f"{len(generations)} generations written to {_OUT.value}", file=sys.stderr)
 
 

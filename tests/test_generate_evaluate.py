@@ -67,7 +67,7 @@ def test_generate_one_run_a_bank_and_raw_prompts(two_runs, tmp_path, capsys):
     from prefix_jax.serving import bank, decoding
 
     run = bank.load([a])
-    settings = decoding.settings_for(run.base.tokenizer, 6)
+    settings = decoding.settings_for(run.base.tokenizer, 6, prefix=run.options)  # its positions
     want_raw = decoding.generate(run.base.module, run.base.params, run.row(0), run.base.tokenizer,
                                  [MRS[0]], 2, settings)
     assert lines(tmp_path / "raw_out.txt") == want_raw

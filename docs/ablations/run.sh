@@ -7,8 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 ROOT=${ROOT:-runs/ablation}
+# positions=auto: real tokens from 0 on SmolLM2 (after the prompt for prompt tuning), the
+# convention these runs were made with before new configs defaulted to PEFT's (README)
 common=(--config.train.num_steps=150 --config.train.checkpoint_every=1000
-        --config.eval.num_examples=100 --config.eval.eval_untuned=False)
+        --config.eval.num_examples=100 --config.eval.eval_untuned=False
+        --config.prefix.positions=auto)
 run() {  # name config [overrides...]
   local name=$1 config=$2; shift 2
   [ -f "$ROOT/$name/results.json" ] && { echo "skip $name"; return; }

@@ -163,7 +163,7 @@ def build(prefix_cfg: ml_collections.ConfigDict, model_cfg, num_prefixes: int = 
     if mode == "input" and positions.resolve(prefix_cfg.positions, model_cfg,
                                              mode) != "after_prefix":
         raise UserError("prefix.mode='input' is prompt tuning: real tokens follow the prompt, "
-                        "so set prefix.positions='after_prefix' (or 'auto')")
+                        "so set prefix.positions='after_prefix' (or 'default')")
     if num_prefixes > 1 and (mode != "kv" or prefix_cfg.reparam != "none"):
         raise UserError("several tasks (data.extra_dirs) need prefix.mode='kv' and "
                         "prefix.reparam='none'")

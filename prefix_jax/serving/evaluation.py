@@ -40,7 +40,7 @@ def evaluate_split(module: Backbone, params: dict, prefix: KV | None, tokenizer,
     if workdir is None:
         return result
     with open(os.path.join(workdir, f"predictions_{name}.txt"), "w", encoding="utf-8") as f:
-        f.writelines(p.replace("\n", " ") + "\n" for p in predictions)
+        f.writelines(" ".join(p.splitlines()) + "\n" for p in predictions)
     os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)
     with open(os.path.join(workdir, "generations", f"{name}.jsonl"), "w", encoding="utf-8") as f:
         for s, r, p in zip(sources, references, predictions):

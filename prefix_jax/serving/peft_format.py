@@ -9,12 +9,19 @@ the MLP's output in the same tensor, so `prefix_projection` is false in every fi
 
 PEFT feeds the prefix as a cache of length P: real tokens sit at positions P, P+1, ...; an adapter
 reproduces only under `prefix.positions='after_prefix'` (see positions.py).
+
+`base_model_name_or_path` names the base portably (`base_model_name`): an HF id or a directory's
+name, or a GGUF file's name, never a path that exists only on the training machine. The path the
+run resolved is kept in `prefix_jax.json` beside the PEFT files (PEFT warns about unknown keys in
+adapter_config.json, calling them a newer PEFT's, so they are not put there), with a README.md
+model card (serving/model_card.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import ml_collections
 import numpy as np
@@ -26,6 +33,10 @@ from prefix_jax.prefix import positions
 
 CONFIG_FILE, WEIGHTS_FILE = configs.PEFT_CONFIG_FILE, configs.PEFT_WEIGHTS_FILE
 TENSOR = "prompt_embeddings"
+PROVENANCE_FILE = "prefix_jax.json"  # where the adapter came from (the base's resolved path, ...)
+MODEL_CARD_FILE = "README.md"
+# transformers' hub cache keeps a model at .../models--ORG--NAME/snapshots/REVISION
+_HUB_CACHE_DIR = re.compile(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 
 
 def kv_to_embeddings(kv: KV) -> np.ndarray:
@@ -67,8 +78,22 @@ def adapter_config(model_config, length: int, base_model: str) -> dict:
     }
 
 
-def write_adapter(out_dir: str, kv: KV, model_config, base_model: str) -> None:
-    """Write `kv` as a PEFT adapter into `out_dir` (created; must not hold files already)."""
+def base_model_name(model_path: str, source: str) -> str:
+    """The base's portable name for `base_model_name_or_path`: the HF id of a hub-cache snapshot
+    directory, else a directory's or a .gguf file's own name; `model.path` itself for names
+    that are no path (`tiny`). `source` is what `model.path` resolved to (LoadedModel.source)."""
+    hub = _HUB_CACHE_DIR.search(source)
+    if hub:
+        return f"{hub.group(1)}/{hub.group(2)}"
+    if os.path.isdir(source) or (source.endswith(".gguf") and os.path.isfile(source)):
+        return os.path.basename(os.path.normpath(source))
+    return model_path
+
+
+def write_adapter(out_dir: str, kv: KV, model_config, base_model: str,
+                  provenance: dict | None = None, model_card: str | None = None) -> None:
+    """Write `kv` as a PEFT adapter into `out_dir` (created; must not hold files already), with
+    `provenance` as prefix_jax.json and `model_card` as README.md when given."""
     from safetensors.numpy import save_file
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -82,6 +107,13 @@ def write_adapter(out_dir: str, kv: KV, model_config, base_model: str) -> None:
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+    if provenance is not None:
+        with open(os.path.join(out_dir, PROVENANCE_FILE), "w") as f:
+            json.dump(provenance, f, indent=2, sort_keys=True)
+            f.write("\n")
+    if model_card is not None:
+        with open(os.path.join(out_dir, MODEL_CARD_FILE), "w", encoding="utf-8") as f:
+            f.write(model_card)
 
 
 def read_adapter(path: str) -> tuple[dict, np.ndarray]:
