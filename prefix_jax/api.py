@@ -83,7 +83,8 @@ def generate(handle: Handle, sources: Sequence[str], *, prefix_rows: Sequence[in
              raw: bool = False) -> list[str]:
     """One generation per source, as `python -m prefix_jax.generate` makes them.
 
-    sources: task sources (an E2E MR), formatted into prompts as in training; with `raw=True`,
+    sources: task sources (an E2E MR, a JSONL source), put into the prompt each row's run
+        trained with; with `raw=True`,
         exact prompt texts instead (no formatting).
     prefix_rows: the bank row (0-based, the order of `load`'s workdirs) each source uses, so
         several prefixes share one batch; None = row 0 for every source.
@@ -91,7 +92,7 @@ def generate(handle: Handle, sources: Sequence[str], *, prefix_rows: Sequence[in
         `top_k` (0 = off), `top_p` (1 = off) and `seed`; else greedy. Decoding stops at the
         tokenizer's EOS or after `max_new_tokens`; `batch_size` prompts are decoded together.
     """
-    from prefix_jax.tasks import e2e  # the tool's formatting (a task module: imported on use)
+    from prefix_jax import tasks
 
     sources = list(sources)
     if not sources:
@@ -104,7 +105,11 @@ def generate(handle: Handle, sources: Sequence[str], *, prefix_rows: Sequence[in
         handle.tokenizer, max_new_tokens, prefix=handle.options, num_beams=num_beams,
         length_penalty=length_penalty, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p)
-    prompts = sources if raw else [e2e.format_source(s) for s in sources]
+    if raw:
+        prompts = sources
+    else:  # each row's prompt as its run trained on it (E2E's MR prompt, a JSONL data.prompt)
+        prompt_of = [tasks.get(c, training=False).prompt for c in handle.configs]
+        prompts = [prompt_of[r](s) for s, r in zip(sources, rows)]
     return decoding.generate(handle.base.module, handle.base.params, handle.prefixes,
                              handle.tokenizer, prompts, batch_size, settings, prefix_rows=rows,
                              seed=seed)
