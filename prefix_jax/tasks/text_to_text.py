@@ -69,8 +69,8 @@ def target_logits(model: base.Model, params: dict, batch: dict[str, jax.Array],
                   dropout_rng: jax.Array | None = None,
                   layer_on: jax.Array | None = None, with_prefix: bool = True) -> jax.Array:
     """Logits `[B, W, V]` at the target positions of a batch, the prefix at every layer (or,
-    with `layer_on` `[L]` bool, only where it is True: scripts/layer_influence.py; or nowhere,
-    without `with_prefix`: the untuned base).
+    with `layer_on` `[L]` bool, only where it is True: `python -m prefix_jax.layer_influence`;
+    or nowhere, without `with_prefix`: the untuned base).
 
     The LM head (a d x vocab matmul per position, a fifth of SmolLM2's FLOPs) runs only where
     the loss reads it, not on the source and padding positions.
