@@ -6,6 +6,7 @@ the pieces here, so a field means the same thing in every experiment.
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -300,7 +301,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(is_int(value) and value > 0, f"train.{name}={value!r}: must be an integer > 0")
     _check(is_int(t.eval_every) and t.eval_every >= 0,
            f"train.eval_every={t.eval_every!r}: must be an integer >= 0 (0 = only at the end)")
-    _check(o.lr > 0, f"optim.lr={o.lr}: must be > 0")
+    def is_finite(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    _check(is_finite(o.lr) and o.lr > 0, f"optim.lr={o.lr}: must be a finite number > 0")
+    for name in ("b1", "b2"):
+        _check(is_finite(o[name]) and 0 <= o[name] < 1,
+               f"optim.{name}={o[name]}: must be in [0, 1) (Adam's moment decay)")
+    _check(is_finite(o.eps) and o.eps > 0, f"optim.eps={o.eps}: must be a finite number > 0")
+    _check(is_finite(o.grad_clip_norm) and o.grad_clip_norm >= 0,
+           f"optim.grad_clip_norm={o.grad_clip_norm}: must be a finite number >= 0 (0 = off)")
+    _check(is_finite(o.weight_decay),
+           f"optim.weight_decay={o.weight_decay}: must be a finite number")
     _check(is_int(o.warmup_steps) and o.warmup_steps >= 0,
            f"optim.warmup_steps={o.warmup_steps!r}: must be an integer >= 0")
     _check(0 <= o.final_lr_fraction <= 1,

@@ -10,8 +10,9 @@ import dataclasses
 import functools
 import json
 import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from prefix_jax import configs, models, prefix, tasks
@@ -30,7 +32,15 @@ from prefix_jax.prefix import positions
 from prefix_jax.serving import peft_format
 from prefix_jax.tasks import evals
 from prefix_jax.tasks.base import EvalContext, LossFn, Model, Task
-from prefix_jax.training import checkpoint, distributed, optim, partition, preemption
+from prefix_jax.training import (
+    checkpoint,
+    distributed,
+    lock,
+    optim,
+    partition,
+    preemption,
+    run_identity,
+)
 from prefix_jax.training import sharding as shd
 from prefix_jax.training import workdir as workdir_io
 from prefix_jax.training.metric_writer import MetricWriter
@@ -161,6 +171,32 @@ def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_m
     return losses
 
 
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    """Whether every float of `tree` is finite: one fused reduction on the devices."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _check_state_finite(state: TrainState, workdir: str, ckpt, is_main: bool, why: str
+                        ) -> None:
+    """A DivergedError (and a crash report) when the trainable state or its optimizer state
+    holds a NaN or Inf: such a state is never saved (`why`: "save", "evaluate")."""
+    if bool(_all_finite((state.trainable, state.opt_state))):
+        return
+    step, last_good = int(state.step), ckpt.latest_step()
+    report = {"step": step, "state": "non-finite", "last_good_checkpoint": last_good,
+              "hint": "lower optim.lr or raise optim.warmup_steps, then rerun: the run "
+                      "resumes from the last good checkpoint"}
+    path = os.path.join(workdir, "crash_report.json")
+    if is_main:
+        workdir_io.write_json(workdir, "crash_report.json", report)
+    raise DivergedError(f"the trainable state holds NaN or Inf after step {step} (refusing to "
+                        f"{why} it); last good checkpoint: step {last_good}; report in {path}; "
+                        "lower optim.lr and rerun")
+
+
 def _save_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_iter,
                      meta: dict) -> None:
     try:
@@ -185,12 +221,21 @@ class Hooks:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       hooks: Hooks | None = None) -> dict[str, float]:
+                       hooks: Hooks | None = None, allow_changes: Sequence[str] = ()
+                       ) -> dict[str, float]:
     """Train the configured prefix on the configured task, run its evaluators, return the
-    final metrics."""
+    final metrics.
+
+    Rerunning in the same workdir resumes; a config whose run identity differs from the
+    checkpoint's (run_identity.py) is refused unless every differing field (or its section)
+    is named in `allow_changes`.
+    """
     hooks = hooks or Hooks()
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
+    run_identity.check_allowed_names(allow_changes, config)
+    identity = run_identity.identity(config)  # as given (a task may record data-derived fields)
+    results_identity = run_identity.results_identity(config)
     workdir_io.check(workdir)
     task = hooks.task or tasks.get(config)  # reads and checks the data files
     during, at_end = evals.build(config, task)  # reads the evaluation files
@@ -209,6 +254,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         f"{loaded.config.max_seq_len}; lower data.max_len")
     train_data = task.train_examples(loaded.tokenizer)
 
+    # ---- The workdir lock: one live run per workdir, held until this function returns.
+    held = _lock_workdir(workdir)
+    try:
+        return _train_locked(config, workdir, hooks, allow_changes, identity, results_identity,
+                             task, during, at_end, mesh, loaded, train_data)
+    finally:
+        held.release()
+
+
+def _lock_workdir(workdir: str) -> lock.Lock:
+    """Process 0 takes the lock; every process learns whether it got it."""
+    held, refusal = lock.NO_LOCK, None
+    if jax.process_index() == 0:
+        try:
+            held = lock.acquire(workdir)
+        except UserError as e:
+            refusal = e
+    if jax.process_count() > 1:
+        taken = int(multihost_utils.broadcast_one_to_all(np.int32(refusal is None)))
+        if not taken and refusal is None:
+            raise UserError("process 0 could not take the workdir lock (its error line names "
+                            "the run holding it)")
+    if refusal is not None:
+        raise refusal
+    return held
+
+
+def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
+                  allow_changes: Sequence[str], identity: dict, results_identity: str,
+                  task: Task, during: dict, at_end: dict, mesh, loaded: models.LoadedModel,
+                  train_data) -> dict[str, float]:
     # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
     # by config.mesh.rules straight from the host arrays, the trainable state beside it.
     fingerprint = checkpoint.base_fingerprint(loaded.params)  # host arrays, before placement
@@ -227,19 +303,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
     meta = {"base_fingerprint": fingerprint,
             "model_source": loaded.source,
-            "trainable_shapes": checkpoint.shapes(state.trainable)}
-    restored = checkpoint.restore_latest(ckpt, state, data_iter, meta)
+            "trainable_shapes": checkpoint.shapes(state.trainable),
+            "identity": identity,
+            "versions": run_identity.versions()}
+    restored = checkpoint.restore_latest(ckpt, state, data_iter, meta, allow_changes)
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *args, **kwargs: None)
     if restored is not None:
-        state = restored
-        say(f"resumed from step {int(state.step)} ({ckpt.directory})")
+        state = restored.state
+        say(f"resumed from step {restored.step} ({ckpt.directory})")
+        for change in restored.accepted_changes:
+            say(f"resumed with a changed setting: {change}")
 
-    # ---- Workdir and logs (only process 0 writes).
+    # ---- Workdir and logs (only process 0 writes). Every start appends to the run log;
+    # config.json is the current start's config.
     layout = shd.layout(mesh, frozen, state)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        run_identity.append_run_log(workdir, run_identity.run_record(
+            config, sys.argv, {"processes": layout["processes"], "devices": layout["devices"],
+                               "kind": jax.devices()[0].device_kind, "mesh": layout["mesh"]},
+            restored.step if restored else None,
+            restored.accepted_changes if restored else ()))
+        workdir_io.write_text(workdir, "config.json", config.to_json_best_effort(indent=2))
         workdir_io.write_json(workdir, "sharding.json", layout)
         workdir_io.write_json(workdir, "params.json", {
             "trainable": n_train, "base": n_base, "trainable_percent": 100 * n_train / n_base,
@@ -259,6 +344,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       out_shardings=(setup.state_shardings, shd.replicated(mesh)))
 
     def run_evals(evaluators: dict, step: int, with_prefix: bool = True) -> dict[str, float]:
+        if with_prefix:  # never a score of a NaN prefix
+            _check_state_finite(state, workdir, ckpt, is_main, "evaluate")
         ctx = EvalContext(workdir if is_main else None, is_main, step, say, with_prefix)
         params = partition.merge(state.trainable, frozen)
         scores = {}
@@ -315,6 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                 tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
                 checked_losses, tokens_since, time_since = [], 0, time.perf_counter()
             if save_now:
+                _check_state_finite(state, workdir, ckpt, is_main, "save")
                 _save_checkpoint(hooks.save_checkpoint, ckpt, step, state, data_iter, meta)
                 if hooks.after_checkpoint:
                     ckpt.wait_until_finished()
@@ -344,7 +432,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         scores = run_evals({name: evaluate}, num_steps)
         result.update({f"{name}/{k}": v for k, v in scores.items()})
     if is_main:
-        workdir_io.write_json(workdir, "results.json", result)
+        # what the results depend on, so sweep.py can tell them from another entry's
+        workdir_io.write_json(workdir, "results.json",
+                              {**result, "results_identity": results_identity})
     before = {k.split("/")[1]: v for k, v in result.items() if k.startswith("eval_untuned/")}
     if final and before:
         line = " | ".join(f"{k} {before[k]:.1f} -> {v:.1f}" for k, v in final.items())

@@ -24,3 +24,8 @@ def check(workdir: str) -> None:
 def write_json(workdir: str, name: str, value: object) -> None:
     with open(os.path.join(workdir, name), "w") as f:
         json.dump(value, f, indent=2)
+
+
+def write_text(workdir: str, name: str, text: str) -> None:
+    with open(os.path.join(workdir, name), "w") as f:
+        f.write(text)
