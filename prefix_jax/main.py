@@ -3,6 +3,8 @@ r"""Train and evaluate a prefix: `python -m prefix_jax.main --config=FILE[:ARGS]
   --config=experiments/e2e_smollm2.py:runlocal   an experiment file and its get_config() arg
   --config.prefix.length=20                      override any config field
   --workdir=runs/x                               outputs; rerunning the same command resumes
+  --allow_changes=optim.lr,data                  resume although these fields changed (else a
+                                                 changed experiment is refused)
 
 Mistakes in flags, config values, files or checkpoints end with one line on stderr and exit
 status 2 (`--traceback` shows the stack); bugs keep their traceback.
@@ -22,6 +24,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           flag_values=FLAGS, lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.",
                                flag_values=FLAGS)
+_ALLOW_CHANGES = flags.DEFINE_list(
+    "allow_changes", [], "Resume although these config fields (or sections, e.g. optim) differ "
+    "from the run that wrote the checkpoint; without it such a resume is refused.",
+    flag_values=FLAGS)
 
 
 def main() -> None:
@@ -39,7 +45,8 @@ def main() -> None:
     from prefix_jax.training.preemption import Stopped
 
     try:
-        result = train.train_and_evaluate(config, _WORKDIR.value)
+        result = train.train_and_evaluate(config, _WORKDIR.value,
+                                          allow_changes=_ALLOW_CHANGES.value)
     except Stopped as e:
         # A clean stop (checkpoint saved); the status says "killed by this signal" to schedulers.
         print(f"{e}: checkpoint saved; rerun the same command to resume", file=sys.stderr)

@@ -11,9 +11,12 @@ Entry i (see experiments/sweeps.py for the SWEEP format) runs as
 where EXPERIMENT is the file's name (plus `-ARG` with an ARG) and SLUG names the overrides
 (`prefix.length=5`, `data.train_examples=50,data.subsample_seed=3,seed=1`; `base` for none).
 Every entry is built and validated before anything runs. Runs go one after another; a run whose
-workdir has results.json is skipped, so rerunning the command resumes the sweep (an interrupted
-run resumes from its checkpoint). --filter REGEX keeps the entries whose group name or SLUG it
-matches. Then: python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
+workdir has the results of exactly this entry's config (results.json records a digest of what
+the results depend on, run_identity.results_identity) is skipped, so rerunning the command
+resumes the sweep (an interrupted run resumes from its checkpoint; a changed entry reruns, and
+is refused by the run itself if its checkpoints are of another experiment).
+--filter REGEX keeps the entries whose group name or SLUG it matches. Then:
+python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
 Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry.
 
 The library half (`expand`, `slug`, ...) turns the SWEEP into runs: each entry's overrides
@@ -42,6 +45,7 @@ from absl import flags
 
 from prefix_jax import cli, configs
 from prefix_jax.errors import UserError
+from prefix_jax.training import run_identity
 
 FLAGS = cli.flag_values()
 _CONFIG = flags.DEFINE_string("config", None, "An experiment file with a SWEEP list, and the "
@@ -73,6 +77,7 @@ class Run:
     group: str  # the entry's GROUP_KEY, or ""
     overrides: dict[str, Any]  # dotted config path -> value
     slug: str  # the workdir's name
+    results_identity: str = ""  # what its results depend on (run_identity.results_identity)
 
     def flags(self) -> list[str]:
         """The overrides as `prefix_jax.main` flags."""
@@ -199,10 +204,10 @@ def expand(path: str, arg: str | None) -> list[Run]:
         try:
             if not isinstance(group, str):
                 raise UserError(f"'{GROUP_KEY}' must be a string, got {group!r}")
-            build_config(module, arg, overrides)
+            config = build_config(module, arg, overrides)
         except UserError as e:
             raise UserError(f"{path} SWEEP entry {i} {entry!r}: {e}") from None
-        run = Run(i, group, overrides, slug(overrides))
+        run = Run(i, group, overrides, slug(overrides), run_identity.results_identity(config))
         key = json.dumps(sorted(overrides.items()), default=repr)
         if key in seen:
             continue
@@ -211,6 +216,29 @@ def expand(path: str, arg: str | None) -> list[Run]:
         seen[key] = run
         runs.append(run)
     return runs
+
+
+def finished(workdir: str, run: Run) -> tuple[bool, str]:
+    """Whether `workdir` holds the results of exactly this run, and if not, why (for the log):
+    results.json must exist, be readable, and record the run's results identity. Results of
+    runs older than that record are matched through the workdir's config.json."""
+    try:
+        with open(os.path.join(workdir, "results.json")) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        return False, "no results.json"
+    except (OSError, ValueError):
+        return False, "results.json is unreadable"
+    recorded = results.get("results_identity") if isinstance(results, dict) else None
+    if recorded is None:
+        try:
+            with open(os.path.join(workdir, "config.json")) as f:
+                recorded = run_identity.results_identity(json.load(f))
+        except (OSError, ValueError):
+            return False, "results.json records no config identity and config.json is unreadable"
+    if recorded != run.results_identity:
+        return False, "results.json is of another config of this entry"
+    return True, "results.json exists"
 
 
 def experiment_name(path: str, arg: str | None) -> str:
@@ -281,16 +309,18 @@ def run_locally(runs: list[Run], root: str) -> None:
         workdir = os.path.join(root, run.slug)
         command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
                    f"--workdir={workdir}", *run.flags()]
-        finished = os.path.exists(os.path.join(workdir, "results.json"))
+        done_before, why = finished(workdir, run)
         if _DRY_RUN.value:
-            print(("# done, would skip: " if finished else "") + shlex.join(command))
-            skipped += finished
+            print(("# done, would skip: " if done_before else "") + shlex.join(command))
+            skipped += done_before
             continue
         label = f"[{n}/{len(runs)}] {run.slug}"
-        if finished:
-            print(f"{label}: skipped (results.json exists)", flush=True)
+        if done_before:
+            print(f"{label}: skipped ({why})", flush=True)
             skipped += 1
             continue
+        if os.path.exists(os.path.join(workdir, "results.json")):
+            print(f"{label}: not done: {why}; running it", flush=True)
         print(f"{label}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         status = subprocess.run(command, env=env).returncode
