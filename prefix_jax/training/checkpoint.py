@@ -137,6 +137,9 @@ def _choose_step(mgr, abstract, meta: dict, allow_changes: Sequence[str]
     for step in steps:
         where = os.path.join(str(mgr.directory), str(step))
         problem = integrity_problem(where)
+        saved_tree = None if problem else _saved_tree(where)
+        if not problem and not saved_tree:
+            problem = "state tree metadata unreadable: orbax finds no arrays in it"
         if problem:
             _quarantine(mgr, step, problem)
             continue
@@ -151,7 +154,7 @@ def _choose_step(mgr, abstract, meta: dict, allow_changes: Sequence[str]
                       "it")
         accepted = run_identity.check(saved_identity, meta["identity"], allow_changes,
                                       f"checkpoint {where}")
-        check_structure(where, abstract)
+        check_structure(where, saved_tree, abstract)
         return step, accepted
     if steps or _listdir(quarantine_dir):
         raise UserError(
@@ -204,16 +207,24 @@ def _read_meta(where: str) -> dict:
         return {}
 
 
-def check_structure(where: str, abstract) -> None:
-    """The saved `state` tree against this run's: the same leaves, shapes and dtypes."""
+def _saved_tree(where: str) -> dict:
+    """The saved `state` item's leaves ("/"-joined path -> shape and dtype), as orbax reads
+    them from its metadata; empty when orbax finds none (its manifest is damaged)."""
     try:
         with ocp.StandardCheckpointer() as reader:
-            saved_tree = reader.metadata(os.path.join(where, "state")).item_metadata
-    except Exception as e:  # it parsed as JSON: orbax cannot read it
+            tree = reader.metadata(os.path.join(where, "state")).item_metadata
+    except Exception as e:  # its files parsed as JSON, yet this orbax cannot read them
         raise UserError(f"checkpoint {where}: this orbax cannot read its tree metadata "
                         f"({_first_line(e)}); install the orbax-checkpoint version that wrote "
                         "it (the run log lists it), or use a new --workdir") from e
-    saved = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(saved_tree).items()}
+    if tree is None:
+        return {}
+    return {"/".join(k): v for k, v in ocp.tree.to_flat_dict(tree).items()}
+
+
+def check_structure(where: str, saved: dict, abstract) -> None:
+    """The saved `state` leaves (`_saved_tree`) against this run's: the same paths, shapes and
+    dtypes."""
     wanted = {"/".join(k): v for k, v in ocp.tree.to_flat_dict(
         ocp.tree.serialize_tree(abstract, keep_empty_nodes=True)).items()}
     problems = [f"{k} only in the checkpoint" for k in sorted(set(saved) - set(wanted))]
