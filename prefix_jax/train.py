@@ -285,6 +285,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
                   allow_changes: Sequence[str], identity: dict, results_identity: str,
                   task: Task, during: dict, at_end: dict, mesh, loaded: models.LoadedModel,
                   train_data) -> dict[str, float]:
+    """The run itself, once its inputs are checked and the workdir is locked."""
     # ---- Model, prefix and the trainable/frozen split, placed on the mesh: the base sharded
     # by config.mesh.rules straight from the host arrays, the trainable state beside it.
     fingerprint = checkpoint.base_fingerprint(loaded.params)  # host arrays, before placement
