@@ -234,10 +234,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # ---- Inputs: everything a user can get wrong is checked before the workdir is touched.
     configs.validate(config)
     run_identity.check_allowed_names(allow_changes, config)
-    identity = run_identity.identity(config)  # as given (a task may record data-derived fields)
+    # as given, like the sweep tool computes it for its entries
     results_identity = run_identity.results_identity(config)
     workdir_io.check(workdir)
     task = hooks.task or tasks.get(config)  # reads and checks the data files
+    # after the task recorded what it read from the data (e.g. data.labels), as config.json
+    # holds it: a checkpoint is compared with that
+    identity = run_identity.identity(config)
     during, at_end = evals.build(config, task)  # reads the evaluation files
     distributed.initialize(config.distributed)  # before any device is touched
     mesh = shd.make_mesh(config.mesh)
