@@ -23,6 +23,8 @@ def _metrics(results: dict | None) -> list[str]:
         return ["The run has no results.json (it had not finished its final evaluation)."]
     rows = ["| metric | value |", "|---|---:|"]
     for name, value in sorted(results.items()):
+        if not isinstance(value, int | float):  # e.g. results_identity, a digest
+            continue
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         rows.append(f"| {name} | {shown} |")
     return rows
