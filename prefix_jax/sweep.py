@@ -11,10 +11,13 @@ Entry i (see experiments/sweeps.py for the SWEEP format) runs as
 where EXPERIMENT is the file's name (plus `-ARG` with an ARG) and SLUG names the overrides
 (`prefix.length=5`, `data.train_examples=50,data.subsample_seed=3,seed=1`; `base` for none).
 Every entry is built and validated before anything runs. Runs go one after another; a run whose
-workdir has results.json is skipped, so rerunning the command resumes the sweep (an interrupted
-run resumes from its checkpoint). --filter REGEX keeps the entries whose group name or SLUG it
-matches. Then: python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
-Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry.
+workdir has a readable results.json is skipped, so rerunning the command resumes the sweep (an
+interrupted run resumes from its checkpoint). Ctrl-C or SIGTERM is passed on to the running
+run, which saves a checkpoint and exits; the sweep then stops with status 128 + the signal.
+--filter REGEX keeps the entries whose group name or SLUG it matches. Then:
+python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
+Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry,
+130 / 143 when stopped by SIGINT / SIGTERM.
 
 The library half (`expand`, `slug`, ...) turns the SWEEP into runs: each entry's overrides
 applied and validated, its workdir name (a readable slug of the overrides) and its
@@ -24,6 +27,7 @@ experiments/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -31,6 +35,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +47,7 @@ from absl import flags
 
 from prefix_jax import cli, configs
 from prefix_jax.errors import UserError
+from prefix_jax.training import workdir as workdir_io
 
 FLAGS = cli.flag_values()
 _CONFIG = flags.DEFINE_string("config", None, "An experiment file with a SWEEP list, and the "
@@ -271,17 +277,52 @@ def print_pod_launches(runs: list[Run], path: str, arg: str | None, experiment: 
           f"workdirs {bucket}/SLUG")
 
 
+def is_finished(workdir: str) -> bool:
+    """The run wrote a readable results.json (a torn one, from a kill mid-write before writes
+    were atomic, means the run is rerun: it resumes from its checkpoint)."""
+    return isinstance(workdir_io.read_json_if_valid(workdir, "results.json"), dict)
+
+
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_child(command: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run `command`; a SIGINT or SIGTERM sent to this process meanwhile is passed on to it
+    (a training run then saves a checkpoint at its next step and exits) and waited for.
+    Returns its exit status and the first signal forwarded (None if none)."""
+    received: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        child = subprocess.Popen(command, env=env)
+        if received:  # arrived while the child was being started
+            child.send_signal(received[0])
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return status, (received[0] if received else None)
+
+
 def run_locally(runs: list[Run], root: str) -> None:
     # Each run imports this checkout's code, wherever the sweep was started from.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     done = skipped = 0
     failed: list[str] = []
+    signum = None
     for n, run in enumerate(runs, 1):
         workdir = os.path.join(root, run.slug)
         command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
                    f"--workdir={workdir}", *run.flags()]
-        finished = os.path.exists(os.path.join(workdir, "results.json"))
+        finished = is_finished(workdir)
         if _DRY_RUN.value:
             print(("# done, would skip: " if finished else "") + shlex.join(command))
             skipped += finished
@@ -293,7 +334,13 @@ def run_locally(runs: list[Run], root: str) -> None:
             continue
         print(f"{label}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
-        status = subprocess.run(command, env=env).returncode
+        status, signum = run_child(command, env)
+        if signum is not None:
+            failed.append(run.slug)
+            print(f"{label}: stopped by {signal.Signals(signum).name} (exit status {status}); "
+                  "rerun the same command to resume the sweep from that run's checkpoint",
+                  flush=True)
+            break
         if status == 0:
             done += 1
             print(f"{label}: done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -310,6 +357,8 @@ def run_locally(runs: list[Run], root: str) -> None:
     print(f"sweep {os.path.basename(root)}: {done} done, {skipped} skipped, {len(failed)} "
           f"failed" + (f", {left} not started (--stop_on_error)" if left else "")
           + f" of {len(runs)} under {root}" + (f"; failed: {' '.join(failed)}" if failed else ""))
+    if signum is not None:
+        sys.exit(128 + signum)
     if failed:
         sys.exit(1)
 
