@@ -317,7 +317,7 @@ def run_locally(runs: list[Run], root: str) -> None:
         filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     done = skipped = 0
     failed: list[str] = []
-    signum = None
+    signum, stopped = None, None
     for n, run in enumerate(runs, 1):
         workdir = os.path.join(root, run.slug)
         command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
@@ -336,7 +336,7 @@ def run_locally(runs: list[Run], root: str) -> None:
         started = time.perf_counter()
         status, signum = run_child(command, env)
         if signum is not None:
-            failed.append(run.slug)
+            stopped = run.slug
             print(f"{label}: stopped by {signal.Signals(signum).name} (exit status {status}); "
                   "rerun the same command to resume the sweep from that run's checkpoint",
                   flush=True)
@@ -353,9 +353,11 @@ def run_locally(runs: list[Run], root: str) -> None:
         print(f"# dry run: {len(runs)} runs, {skipped} already done (would be skipped), "
               f"under {root}")
         return
-    left = len(runs) - done - skipped - len(failed)
+    left = len(runs) - done - skipped - len(failed) - (stopped is not None)
+    why = "--stop_on_error" if signum is None else signal.Signals(signum).name
     print(f"sweep {os.path.basename(root)}: {done} done, {skipped} skipped, {len(failed)} "
-          f"failed" + (f", {left} not started (--stop_on_error)" if left else "")
+          f"failed" + (f", 1 stopped ({stopped})" if stopped else "")
+          + (f", {left} not started ({why})" if left else "")
           + f" of {len(runs)} under {root}" + (f"; failed: {' '.join(failed)}" if failed else ""))
     if signum is not None:
         sys.exit(128 + signum)
