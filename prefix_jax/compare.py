@@ -13,7 +13,8 @@ Writes into OUT:
                                   one line per value of the other differing fields (only when
                                   prefix.length differs)
   metric_vs_trainable_params.png  the same against trainable parameters (log scale)
-A workdir that is missing, has no config.json, or holds an unreadable file is an error (exit 2).
+A workdir that is missing, has no config.json, or holds an unreadable file is an error (exit 2);
+a torn last line of metrics.jsonl (a run killed mid-write) is skipped with a warning.
 
 Each workdir is read into one record (`read_runs`) before anything is written. A workdir holds
 config.json (the run's config), params.json (trainable and base parameter counts),
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import io
 import json
 import math
 import os
@@ -35,6 +37,7 @@ from absl import flags
 
 from prefix_jax import cli
 from prefix_jax.errors import UserError
+from prefix_jax.training import workdir as workdir_io
 
 FLAGS = cli.flag_values()
 _WORKDIR = flags.DEFINE_multi_string(
@@ -115,27 +118,18 @@ def _read_json(path: str, required: bool) -> Any:
             raise UserError(f"{path}: missing; is {os.path.dirname(path)} a training run's "
                             "workdir?")
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); fix or remove that run") from None
+    return workdir_io.read_json(os.path.dirname(path), os.path.basename(path),
+                                fix="fix or remove that run")
 
 
 def _read_metrics(path: str) -> list[dict[str, float]]:
-    if not os.path.exists(path):
-        return []
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    row = json.loads(line)
-                    if not isinstance(row, dict) or "step" not in row:
-                        raise ValueError(f"line {n} has no 'step'")
-                    rows.append(row)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); fix or remove that run") from None
+    """The rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    rows = workdir_io.read_jsonl(os.path.dirname(path), os.path.basename(path),
+                                 fix="fix or remove that run")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or "step" not in row:
+            raise UserError(f"{path}: unreadable (row {n} has no 'step'); fix or remove that "
+                            "run")
     return rows
 
 
@@ -266,7 +260,9 @@ def panels(records) -> list[str]:
 
 def save(fig, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    workdir_io.write_bytes(os.path.dirname(path), os.path.basename(path), png.getvalue())
     print(f"wrote {path}")
 
 
@@ -371,8 +367,7 @@ def main() -> None:
     fields = differing_fields(records, _IGNORE.value)
     os.makedirs(out, exist_ok=True)
     table_path = os.path.join(out, "table.md")
-    with open(table_path, "w", encoding="utf-8") as f:
-        f.write(table(records, _IGNORE.value))
+    workdir_io.write_text(out, "table.md", table(records, _IGNORE.value))
     print(f"wrote {table_path}")
 
     import matplotlib

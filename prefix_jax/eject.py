@@ -11,7 +11,6 @@ export and banks read it like any run; the keys/values are those of the MLP run 
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -33,6 +32,7 @@ def eject_workdir(workdir: str, out: str) -> dict:
     from prefix_jax.errors import UserError
     from prefix_jax.serving import bank
     from prefix_jax.training import checkpoint, partition
+    from prefix_jax.training import workdir as workdir_io
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise UserError(f"--out={out} exists and is not an empty directory; pick a new path "
@@ -65,21 +65,22 @@ def eject_workdir(workdir: str, out: str) -> dict:
     source = os.path.join(os.path.abspath(workdir), "checkpoints")
     data_state = ocp.CheckpointManager(source, item_names=("state", "data", "meta")).restore(
         step, args=ocp.args.Composite(data=ocp.args.JsonRestore())).data
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.json"), "w") as f:
-        f.write(flat_config.to_json_best_effort(indent=2))
-    mgr = checkpoint.manager(out, flat_config.train.keep_checkpoints)
-    new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable))
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat_state),
-                                           data=ocp.args.JsonSave(data_state),
-                                           meta=ocp.args.JsonSave(new_meta)))
-    mgr.wait_until_finished()
     n_mlp = partition.count(run.prefix_params)
     n_flat = partition.count(flat)
     summary = {"source": os.path.abspath(workdir), "step": step, "mlp_params": n_mlp,
                "flat_params": n_flat}
-    with open(os.path.join(out, "eject.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    # Built under a temporary name and renamed when complete: an interrupted eject leaves no
+    # half-written workdir at `out` that a later run would resume from.
+    with workdir_io.new_directory(out) as staging:
+        workdir_io.write_text(staging, "config.json", flat_config.to_json_best_effort(indent=2))
+        mgr = checkpoint.manager(str(staging), flat_config.train.keep_checkpoints)
+        new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable))
+        mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat_state),
+                                               data=ocp.args.JsonSave(data_state),
+                                               meta=ocp.args.JsonSave(new_meta)))
+        mgr.wait_until_finished()
+        mgr.close()
+        workdir_io.write_json(staging, "eject.json", summary)
     return summary
 
 

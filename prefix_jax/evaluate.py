@@ -5,8 +5,11 @@ r"""Evaluate a trained prefix on a whole split, with the task's reportable metri
   python -m prefix_jax.evaluate --workdir=runs/e2e_smollm2 --split=test --task=dart
 
 E2E: BLEU, NIST, METEOR, ROUGE-L, CIDEr against every reference of each MR (README: where each
-metric comes from). DART: BLEU. Writes `predictions_<split>.txt`, `generations/<split>.jsonl`
-and `eval_<split>.json` into the workdir (`dart_<split>` names for DART on an E2E run).
+metric comes from). DART: BLEU. Writes `predictions_<split>.txt` and `generations/<split>.jsonl`
+as soon as decoding ends, then `eval_<split>.json`, into the workdir (`dart_<split>` names for
+DART on an E2E run). An `eval_<split>.json` made with other settings (decoding, --limit,
+checkpoint step, data) is not replaced without --overwrite; METEOR's Java is checked before
+decoding.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None,
                                 flag_values=FLAGS)
 cli.define_decoding_flags(FLAGS, num_beams=5, batch_size=10)
 _LIMIT = flags.DEFINE_integer("limit", 0, "First N sources only; 0 = all.", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an earlier eval_<split>.json made "
+                               "with other settings (default: refuse).", flag_values=FLAGS)
 
 
 def main() -> None:
@@ -44,7 +49,8 @@ def main() -> None:
 
     result = report.evaluate_workdir(
         _WORKDIR.value, _SPLIT.value, _TASK.value, _DATA_DIR.value, FLAGS.num_beams,
-        FLAGS.length_penalty, FLAGS.max_new_tokens, FLAGS.batch_size, _LIMIT.value)
+        FLAGS.length_penalty, FLAGS.max_new_tokens, FLAGS.batch_size, _LIMIT.value,
+        _OVERWRITE.value)
     print(json.dumps(result, indent=2))
 
 

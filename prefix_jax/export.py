@@ -16,7 +16,6 @@ one `error:` line, exit status 2, and nothing written.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import flags
@@ -44,6 +43,7 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
     from prefix_jax.prefix import positions
     from prefix_jax.serving import bank, model_card, peft_format
     from prefix_jax.training import partition
+    from prefix_jax.training import workdir as workdir_io
     config = bank.read_config(workdir)
     n_tasks = len(configs.task_dirs(config))
     if n_tasks > 1 and task is None:
@@ -89,15 +89,10 @@ def export(workdir: str, out: str, task: int | None = None) -> str:
                         f"{loaded.base.config.n_layers} layers; a PEFT adapter has one at every "
                         "layer")
     base_name = peft_format.base_model_name(config.model.path, loaded.base.source)
-    results_path = os.path.join(workdir, "results.json")
     results = None
-    if os.path.isfile(results_path):
-        try:
-            with open(results_path) as f:
-                results = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{results_path} is not valid JSON ({e}); restore it or delete it "
-                            "(the model card then says the run has no results)") from e
+    if os.path.isfile(os.path.join(workdir, "results.json")):
+        results = workdir_io.read_json(workdir, "results.json", fix=(
+            "restore it or delete it (the model card then says the run has no results)"))
     provenance = {"base_model_path": loaded.base.source, "model.path": config.model.path,
                   "workdir": os.path.abspath(workdir), "step": loaded.steps[0],
                   "task_index": task, "prefix.positions": config.prefix.positions}

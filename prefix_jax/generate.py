@@ -10,6 +10,9 @@ run trained with. With several, each line is `K<TAB>source`: K (0-based) picks t
 whose prefix that line uses, and lines with different prefixes share batches. --raw takes each
 line (after any `K<TAB>`) as the exact prompt text, with no task formatting (for checks against
 other tools).
+
+--out is written once decoding ends, atomically; an existing --out (or the --input file itself)
+is refused unless --overwrite.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample from the k likeliest tokens; 0
                               flag_values=FLAGS)
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.", flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out file (default: "
+                               "refuse, so that no earlier result is lost).", flag_values=FLAGS)
 
 
 def read_lines(path: str, n_runs: int) -> tuple[list[str], list[int]]:
@@ -79,12 +84,20 @@ def main() -> None:
     out_dir = os.path.dirname(os.path.abspath(_OUT.value))
     if not os.path.isdir(out_dir):
         cli.fail(f"--out={_OUT.value}: directory {out_dir} does not exist; create it first")
+    if os.path.exists(_OUT.value) and os.path.exists(_INPUT.value) \
+            and os.path.samefile(_OUT.value, _INPUT.value):
+        cli.fail(f"--out={_OUT.value} is the --input file; give another path for the "
+                 "generations")
+    if os.path.exists(_OUT.value) and not _OVERWRITE.value:
+        cli.fail(f"--out={_OUT.value} exists (perhaps made with other settings); give a new "
+                 "path, or pass --overwrite to replace it")
     for w in _WORKDIR.value:
         if not os.path.isdir(w):
             cli.fail(f"--workdir={w} is not a directory; give a training run's workdir")
 
     from prefix_jax import tasks
     from prefix_jax.serving import bank, decoding
+    from prefix_jax.training import workdir as workdir_io
 
     choices = dict(num_beams=FLAGS.num_beams, length_penalty=FLAGS.length_penalty,
                    do_sample=_DO_SAMPLE.value, temperature=_TEMPERATURE.value,
@@ -102,10 +115,10 @@ def main() -> None:
     prompts = sources if _RAW.value else [prompt_of[r](s) for s, r in zip(sources, rows)]
     generations = decoding.generate(run.base.module, run.base.params, run.prefixes,
                                     run.base.tokenizer, prompts, FLAGS.batch_size, settings,
-                                    prefix_rows=rows, seed=_SEED.value)
-    with open(_OUT.value, "w", encoding="utf-8") as f:
-        # one line each: any line break a reader splits on (\r, \x0b, \u2028, ...) becomes a space
-        f.writelines(" ".join(g.splitlines()) + "\n" for g in generations)
+                                    prefix_rows=rows, seed=_SEED.value, progress="generate")
+    # one line each: any line break a reader splits on (\r, \x0b, \u2028, ...) becomes a space
+    workdir_io.write_text(out_dir, os.path.basename(_OUT.value),
+                          "".join(" ".join(g.splitlines()) + "\n" for g in generations))
     print(f"{len(generations)} generations written to {_OUT.value}", file=sys.stderr)
 
 

@@ -13,7 +13,7 @@ removed" is the base model at the run's positions.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 
 from absl import flags
@@ -103,9 +103,9 @@ def write(result: dict, out: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "layer_influence.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    from prefix_jax.training import workdir as workdir_io
+
+    workdir_io.write_json(out, "layer_influence.json", result)
     full, base = result["full"], result["base"]
     lines = [f"Dev loss of {result['workdir']} (step {result['step']}, "
              f"{result['dev_pairs']} dev pairs): base {base:.4f}, full prefix {full:.4f}.", "",
@@ -114,8 +114,7 @@ def write(result: dict, out: str) -> None:
     for row in result["layers"]:
         lines.append(f"| {row['layer']} | {row['removed']:.4f} | {row['removed'] - full:+.4f} | "
                      f"{row['only']:.4f} | {base - row['only']:+.4f} |")
-    with open(os.path.join(out, "layer_influence.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    workdir_io.write_text(out, "layer_influence.md", "\n".join(lines) + "\n")
 
     layers = [r["layer"] for r in result["layers"]]
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -126,7 +125,9 @@ def write(result: dict, out: str) -> None:
     axes[1].set_xlabel("layer")
     fig.suptitle(f"Layer-wise influence of the prefix (base {base:.3f}, full {full:.3f})")
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "layer_influence.png"), dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
+    workdir_io.write_bytes(out, "layer_influence.png", png.getvalue())
     plt.close(fig)
 
 
@@ -137,6 +138,8 @@ def main() -> None:
         cli.fail("--limit and --batch_size must be >= 1")
     if not os.path.isdir(_WORKDIR.value):
         cli.fail(f"--workdir={_WORKDIR.value} is not a directory; give a training run's workdir")
+    if os.path.exists(_OUT.value) and not os.path.isdir(_OUT.value):
+        cli.fail(f"--out={_OUT.value} is a file; give a directory for the table and plot")
     result = measure(_WORKDIR.value, _LIMIT.value, _BATCH_SIZE.value)
     write(result, _OUT.value)
     print(f"base {result['base']:.4f}  full {result['full']:.4f}  all removed "

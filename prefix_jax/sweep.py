@@ -17,7 +17,10 @@ resumes the sweep (an interrupted run resumes from its checkpoint; a changed ent
 is refused by the run itself if its checkpoints are of another experiment).
 --filter REGEX keeps the entries whose group name or SLUG it matches. Then:
 python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
-Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry.
+Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry,
+130 / 143 when stopped by SIGINT / SIGTERM.
+Ctrl-C or SIGTERM is passed on to the running run, which saves a checkpoint and exits; the
+sweep then stops with status 128 + the signal.
 
 The library half (`expand`, `slug`, ...) turns the SWEEP into runs: each entry's overrides
 applied and validated, its workdir name (a readable slug of the overrides) and its
@@ -27,6 +30,7 @@ experiments/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -34,6 +38,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -46,6 +51,7 @@ from absl import flags
 from prefix_jax import cli, configs
 from prefix_jax.errors import UserError
 from prefix_jax.training import run_identity
+from prefix_jax.training import workdir as workdir_io
 
 FLAGS = cli.flag_values()
 _CONFIG = flags.DEFINE_string("config", None, "An experiment file with a SWEEP list, and the "
@@ -222,20 +228,18 @@ def finished(workdir: str, run: Run) -> tuple[bool, str]:
     """Whether `workdir` holds the results of exactly this run, and if not, why (for the log):
     results.json must exist, be readable, and record the run's results identity. Results of
     runs older than that record are matched through the workdir's config.json."""
-    try:
-        with open(os.path.join(workdir, "results.json")) as f:
-            results = json.load(f)
-    except FileNotFoundError:
+    if not os.path.exists(os.path.join(workdir, "results.json")):
         return False, "no results.json"
-    except (OSError, ValueError):
+    # a torn one (a kill mid-write before writes were atomic) means: rerun, it resumes
+    results = workdir_io.read_json_if_valid(workdir, "results.json")
+    if not isinstance(results, dict):
         return False, "results.json is unreadable"
-    recorded = results.get("results_identity") if isinstance(results, dict) else None
+    recorded = results.get("results_identity")
     if recorded is None:
-        try:
-            with open(os.path.join(workdir, "config.json")) as f:
-                recorded = run_identity.results_identity(json.load(f))
-        except (OSError, ValueError):
+        config = workdir_io.read_json_if_valid(workdir, "config.json")
+        if not isinstance(config, dict):
             return False, "results.json records no config identity and config.json is unreadable"
+        recorded = run_identity.results_identity(config)
     if recorded != run.results_identity:
         return False, "results.json is of another config of this entry"
     return True, "results.json exists"
@@ -299,12 +303,41 @@ def print_pod_launches(runs: list[Run], path: str, arg: str | None, experiment: 
           f"workdirs {bucket}/SLUG")
 
 
+_FORWARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def run_child(command: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run `command`; a SIGINT or SIGTERM sent to this process meanwhile is passed on to it
+    (a training run then saves a checkpoint at its next step and exits) and waited for.
+    Returns its exit status and the first signal forwarded (None if none)."""
+    received: list[int] = []
+    child: subprocess.Popen | None = None
+
+    def forward(signum, frame):
+        received.append(signum)
+        if child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in _FORWARDED}
+    try:
+        child = subprocess.Popen(command, env=env)
+        if received:  # arrived while the child was being started
+            child.send_signal(received[0])
+        status = child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return status, (received[0] if received else None)
+
+
 def run_locally(runs: list[Run], root: str) -> None:
     # Each run imports this checkout's code, wherever the sweep was started from.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [_REPO_ROOT, os.environ.get("PYTHONPATH")]))}
     done = skipped = 0
     failed: list[str] = []
+    signum, stopped = None, None
     for n, run in enumerate(runs, 1):
         workdir = os.path.join(root, run.slug)
         command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
@@ -323,7 +356,13 @@ def run_locally(runs: list[Run], root: str) -> None:
             print(f"{label}: not done: {why}; running it", flush=True)
         print(f"{label}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
-        status = subprocess.run(command, env=env).returncode
+        status, signum = run_child(command, env)
+        if signum is not None:
+            stopped = run.slug
+            print(f"{label}: stopped by {signal.Signals(signum).name} (exit status {status}); "
+                  "rerun the same command to resume the sweep from that run's checkpoint",
+                  flush=True)
+            break
         if status == 0:
             done += 1
             print(f"{label}: done in {time.perf_counter() - started:.0f} s", flush=True)
@@ -336,10 +375,14 @@ def run_locally(runs: list[Run], root: str) -> None:
         print(f"# dry run: {len(runs)} runs, {skipped} already done (would be skipped), "
               f"under {root}")
         return
-    left = len(runs) - done - skipped - len(failed)
+    left = len(runs) - done - skipped - len(failed) - (stopped is not None)
+    why = "--stop_on_error" if signum is None else signal.Signals(signum).name
     print(f"sweep {os.path.basename(root)}: {done} done, {skipped} skipped, {len(failed)} "
-          f"failed" + (f", {left} not started (--stop_on_error)" if left else "")
+          f"failed" + (f", 1 stopped ({stopped})" if stopped else "")
+          + (f", {left} not started ({why})" if left else "")
           + f" of {len(runs)} under {root}" + (f"; failed: {' '.join(failed)}" if failed else ""))
+    if signum is not None:
+        sys.exit(128 + signum)
     if failed:
         sys.exit(1)
 

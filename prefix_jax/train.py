@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import sys
 import time
@@ -163,8 +162,7 @@ def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_m
                               "resumes from the last good checkpoint"}
             path = os.path.join(workdir, "crash_report.json")
             if is_main:
-                with open(path, "w") as f:
-                    json.dump(report, f, indent=2)
+                workdir_io.write_json(workdir, "crash_report.json", report)
             raise DivergedError(f"train loss is {value} at step {step}; last good checkpoint: "
                                 f"step {last_good}; report in {path}; lower optim.lr and rerun")
         losses.append(value)
@@ -333,7 +331,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
         workdir_io.write_json(workdir, "params.json", {
             "trainable": n_train, "base": n_base, "trainable_percent": 100 * n_train / n_base,
             "trainable_paths": partition.trainable_paths(labels)})
-    writer = MetricWriter(workdir, enabled=is_main)
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=int(state.step))
     logging.info("model %s: %d base params; trainable %d (%.4f%% of base): %s", loaded.source,
                  n_base, n_train, 100 * n_train / n_base, partition.trainable_paths(labels))
     say(f"trainable parameters: {n_train:,} ({100 * n_train / n_base:.3f}% of the "
@@ -358,12 +356,12 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
         return scores
 
     # ---- The untuned model, once per workdir, as the baseline printed beside the result.
-    untuned_path = os.path.join(workdir, "eval_untuned.json")
-    if config.eval.eval_untuned and during and not os.path.exists(untuned_path):
-        scores = run_evals(during, 0, with_prefix=False)
-        writer.write(0, {f"eval_untuned/{k}": v for k, v in scores.items()})
+    untuned = workdir_io.read_json_if_valid(workdir, "eval_untuned.json")  # None: recompute
+    if config.eval.eval_untuned and during and untuned is None:
+        untuned = run_evals(during, 0, with_prefix=False)
+        writer.write(0, {f"eval_untuned/{k}": v for k, v in untuned.items()})
         if is_main:
-            workdir_io.write_json(workdir, "eval_untuned.json", scores)
+            workdir_io.write_json(workdir, "eval_untuned.json", untuned)
 
     # ---- Train loop. Losses stay on the device until a log or checkpoint step, where every
     # pending one is checked: a non-finite loss stops the run before its state is saved.
@@ -429,9 +427,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
     writer.write(num_steps, {f"eval/{k}": v for k, v in final.items()})
     writer.close()
     result = {**{f"eval/{k}": v for k, v in final.items()}, "step": num_steps}
-    if os.path.exists(untuned_path):
-        with open(untuned_path) as f:
-            result.update({f"eval_untuned/{k}": v for k, v in json.load(f).items()})
+    if untuned is not None:
+        result.update({f"eval_untuned/{k}": v for k, v in untuned.items()})
     for name, evaluate in at_end.items():
         scores = run_evals({name: evaluate}, num_steps)
         result.update({f"{name}/{k}": v for k, v in scores.items()})

@@ -110,6 +110,75 @@ def test_evaluate_writes_scores_and_predictions(two_runs, capsys):
     assert status == 2 and err.startswith("error: ") and "--split" in err
 
 
+def test_generate_never_writes_over_its_input_or_an_earlier_output(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    source = tmp_path / "mrs.txt"
+    source.write_text(MRS[0] + "\n")
+    common = ["--workdir", a, "--max_new_tokens", 2, "--batch_size", 1]
+    status, _, err = run_tool("generate", *common, "--input", source, "--out", source,
+                              "--overwrite", capsys=capsys)
+    assert status == 2 and "is the --input file" in err and len(err.strip().splitlines()) == 1
+    assert source.read_text() == MRS[0] + "\n"
+    earlier = tmp_path / "out.txt"
+    earlier.write_text("an earlier result\n")
+    status, _, err = run_tool("generate", *common, "--input", source, "--out", earlier,
+                              capsys=capsys)
+    assert status == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert earlier.read_text() == "an earlier result\n"
+    status, _, err = run_tool("generate", *common, "--input", source, "--out", earlier,
+                              "--overwrite", capsys=capsys)
+    assert status == 0, err
+    assert len(lines(earlier)) == 1 and lines(earlier) != ["an earlier result"]
+
+
+def test_evaluate_refuses_to_replace_a_result_made_with_other_settings(two_runs, tmp_path,
+                                                                       capsys, monkeypatch):
+    import shutil
+
+    from prefix_jax.serving import decoding
+
+    workdir = tmp_path / "run"
+    shutil.copytree(two_runs[0], workdir)
+    for name in ("eval_dev.json", "predictions_dev.txt"):  # another test's evaluation
+        if (workdir / name).exists():
+            os.remove(workdir / name)
+    common = ["--workdir", workdir, "--split", "dev", "--limit", 2, "--max_new_tokens", 3]
+    assert run_tool("evaluate", *common, "--num_beams", 1, capsys=capsys)[0] == 0
+    assert run_tool("evaluate", *common, "--num_beams", 1, capsys=capsys)[0] == 0  # same: fine
+
+    status, _, err = run_tool("evaluate", *common, "--num_beams", 2, capsys=capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "other settings" in err and "--overwrite" in err and "'num_beams': 1" in err
+    assert json.loads((workdir / "eval_dev.json").read_text())["decoding"]["num_beams"] == 1
+    status, _, err = run_tool("evaluate", *common, "--limit", 3, capsys=capsys)
+    assert status == 2 and "num_examples 2 -> 3" in err
+
+    # The decoded outputs are on disk before scoring: a scorer that fails loses no decoding.
+    def scorer_fails(self, predictions, references):
+        raise RuntimeError("scorer crashed")
+
+    os.remove(workdir / "predictions_dev.txt")
+    monkeypatch.setattr(e2e.E2E, "report_scores", scorer_fails)
+    with pytest.raises(RuntimeError, match="scorer crashed"):
+        run_tool("evaluate", *common, "--num_beams", 2, "--overwrite", capsys=capsys)
+    assert len(lines(workdir / "predictions_dev.txt")) == 2
+    assert json.loads((workdir / "eval_dev.json").read_text())["decoding"]["num_beams"] == 1
+    monkeypatch.undo()
+    status, _, err = run_tool("evaluate", *common, "--num_beams", 2, "--overwrite",
+                              capsys=capsys)
+    assert status == 0, err
+    assert json.loads((workdir / "eval_dev.json").read_text())["decoding"]["num_beams"] == 2
+
+    # METEOR needs Java: refused before any decoding.
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before checking for Java")
+
+    monkeypatch.setattr(e2e.shutil, "which", lambda name: None)
+    monkeypatch.setattr(decoding, "generate", no_decoding)
+    status, _, err = run_tool("evaluate", *common, "--overwrite", capsys=capsys)
+    assert status == 2 and "needs Java" in err and len(err.strip().splitlines()) == 1
+
+
 def test_e2e_metrics_of_a_reference_and_of_a_bad_system():
     """A system that outputs one of each MR's references (not always the first: multi-reference
     scoring) gets the maximum BLEU and ROUGE-L and a near-maximum METEOR."""

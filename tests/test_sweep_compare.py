@@ -229,11 +229,72 @@ def test_compare_names_a_bad_workdir_and_writes_nothing(swept, tmp_path, capsys)
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{}")
-    (broken / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n')
+    (broken / "metrics.jsonl").write_text('{"step": 1}\n{"step": \n{"step": 3}\n')
     status, _, err = run_tool("compare", f"--workdir={good}", f"--workdir={broken}", "--out", out,
                               capsys=capsys)
-    assert status == 2 and "broken/metrics.jsonl: unreadable" in err
+    assert status == 2 and "broken/metrics.jsonl:2: not valid JSON" in err
     assert not out.exists()
+
+
+def test_compare_reads_a_run_whose_last_metrics_line_is_torn(swept, tmp_path, capsys):
+    """A run killed mid-append: its last line is skipped, the rest compared."""
+    import shutil
+
+    _, root, _, _ = swept
+    torn = tmp_path / "torn"
+    shutil.copytree(root / "tiny" / "prefix.length=1", torn, ignore=shutil.ignore_patterns(
+        "checkpoints", "tensorboard"))
+    with open(torn / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "train/lo')
+    status, _, err = run_tool("compare", f"--workdir={root / 'tiny' / 'prefix.length=4'}",
+                              f"--workdir={torn}", "--out", tmp_path / "cmp", capsys=capsys)
+    assert status == 0, err
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "torn" in table and "| 4 |" not in table.splitlines()[0]
+
+
+# A stand-in for one sweep run: reports it is ready, then on SIGTERM/SIGINT "saves" and exits
+# as prefix_jax.main does (128 + signal).
+CHILD = """
+import pathlib, signal, sys, time
+marker = pathlib.Path(sys.argv[1])
+def stop(signum, frame):
+    marker.write_text(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
+marker.write_text("ready")
+time.sleep(60)
+"""
+# The sweep's side: run the child through sweep.run_child and report what came back.
+PARENT = """
+import sys
+from prefix_jax import sweep
+status, signum = sweep.run_child([sys.executable, "-c", sys.argv[1], sys.argv[2]], {})
+print(status, signum)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sweep_forwards_a_signal_to_the_running_run_and_waits_for_it(tmp_path, sig):
+    import signal
+    import time
+
+    marker = tmp_path / "marker"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [
+        REPO, os.environ.get("PYTHONPATH")]))}
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker)], env=env,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.time() + 60
+    while not (marker.exists() and marker.read_text() == "ready"):
+        assert time.time() < deadline and parent.poll() is None, "the child never started"
+        time.sleep(0.05)
+    parent.send_signal(getattr(signal, sig))  # to the sweep only, as `kill` or a scheduler does
+    out, _ = parent.communicate(timeout=60)
+    assert marker.read_text() == sig  # the child got it and ran its save-and-exit path
+    number = int(getattr(signal, sig))
+    assert out.split() == [str(128 + number), str(number)]
+    assert parent.returncode == 0
 
 
 def test_train_examples_subset_follows_subsample_seed_not_seed():

@@ -425,8 +425,10 @@ def main() -> None:
     for name, value, target in rows:
         print(f"| {name} | {value:.2f} | {target} |")
     if _OUT.value:
-        with open(_OUT.value, "w") as f:
-            json.dump(result, f, indent=2)
+        from prefix_jax.training import workdir as workdir_io
+
+        out = os.path.abspath(_OUT.value)
+        workdir_io.write_json(os.path.dirname(out), os.path.basename(out), result)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -10,7 +10,6 @@ consecutive rows, one per task).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import jax
@@ -22,6 +21,7 @@ from prefix_jax import configs, models, prefix
 from prefix_jax.errors import UserError
 from prefix_jax.models.core import KV
 from prefix_jax.training import checkpoint
+from prefix_jax.training import workdir as workdir_io
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,11 +42,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise UserError(f"--workdir={workdir} has no config.json; point it at a directory "
                         "written by `python -m prefix_jax.main`")
-    try:
-        with open(path) as f:
-            config = ml_collections.ConfigDict(json.load(f))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid JSON ({e}); restore it or retrain") from e
+    config = ml_collections.ConfigDict(
+        workdir_io.read_json(workdir, "config.json", fix="restore it or retrain"))
     # Only the fields serving needs: configs of older runs lack newer fields (eval.num_beams...).
     needed = ("seed", "model.path", "model.dtype", "prefix.mode", "prefix.length",
               "prefix.positions", "prefix.init", "prefix.init_std", "data.task", "data.dir")

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models.backbone import Backbone
@@ -292,8 +293,9 @@ def settings_for(tokenizer, max_new_tokens: int, extra_stop_ids: tuple[int, ...]
 
 def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
              batch_size: int, settings: DecodeSettings, prefix_rows: list[int] | None = None,
-             seed: int = 0) -> list[str]:
-    """Generations for prompt strings, in batches (the last batch padded to full size).
+             seed: int = 0, progress: str | None = None) -> list[str]:
+    """Generations for prompt strings, in batches (the last batch padded to full size);
+    `progress`: the label of a progress bar on stderr (None: no bar).
 
     With `prefix_rows` (one int per prompt), `prefix` is a bank `KV([L, N, P, K, D])` and
     prompt i uses the bank's prefix `prefix_rows[i]`; otherwise `prefix` is shared (or None).
@@ -302,6 +304,8 @@ def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, promp
         raise ValueError(f"{len(prefix_rows)} prefix rows for {len(prompts)} prompts")
     ids = tokenizer(prompts, add_special_tokens=False).input_ids
     texts: list[str] = []
+    bar = tqdm(total=len(ids), desc=progress, unit="source", disable=progress is None,
+               dynamic_ncols=True)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         n_real = len(chunk)
@@ -316,4 +320,6 @@ def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, promp
         out = decode(module, params, batch_prefix, jnp.asarray(tokens), jnp.asarray(valid),
                      settings, rng)
         texts.extend(decode_texts(tokenizer, np.asarray(out.tokens)[:n_real], settings.stop_ids))
+        bar.update(n_real)
+    bar.close()
     return texts

@@ -5,14 +5,13 @@ reportable evaluation. The task supplies its sources, references, prompts and me
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Callable
 
 from prefix_jax.models.backbone import Backbone
 from prefix_jax.models.core import KV
 from prefix_jax.serving import decoding
+from prefix_jax.training import workdir as workdir_io
 
 
 def evaluate_split(module: Backbone, params: dict, prefix: KV | None, tokenizer,
@@ -22,29 +21,32 @@ def evaluate_split(module: Backbone, params: dict, prefix: KV | None, tokenizer,
                    score: Callable[[list[str], list[list[str]]], dict[str, float]],
                    settings: decoding.DecodeSettings, batch_size: int,
                    extra: dict | None = None) -> dict:
-    """Decode `prompts` and score them against `references`; write `predictions_<name>.txt`,
-    `generations/<name>.jsonl` and `eval_<name>.json` (scores + how they were made) into
-    `workdir` (None: write nothing), only after success."""
+    """Decode `prompts` and score them against `references`. Into `workdir` (None: write
+    nothing): `predictions_<name>.txt` and `generations/<name>.jsonl` as soon as decoding ends
+    (a scorer that fails does not lose hours of decoding), then `eval_<name>.json` (scores + how
+    they were made); each file atomic (training/workdir.py)."""
     started = time.perf_counter()
     predictions = decoding.generate(module, params, prefix, tokenizer, prompts, batch_size,
-                                    settings)
+                                    settings, progress=f"decoding {name}")
     decode_seconds = time.perf_counter() - started
+    if workdir is not None:
+        workdir_io.write_text(workdir, f"predictions_{name}.txt",
+                              "".join(" ".join(p.splitlines()) + "\n" for p in predictions))
+        workdir_io.write_jsonl(workdir, f"generations/{name}.jsonl", [
+            {"source": s, "prediction": p, "references": r}
+            for s, r, p in zip(sources, references, predictions)])
     scores = score(predictions, references)
     result = {"task": task, "split": split, "num_examples": len(sources),
               "num_references": sum(len(r) for r in references), "scores": scores,
-              "decoding": {"num_beams": settings.num_beams,
-                           "length_penalty": settings.length_penalty,
-                           "max_new_tokens": settings.max_new_tokens,
-                           "do_sample": settings.do_sample},
+              "decoding": decoding_record(settings),
               "decode_seconds": round(decode_seconds, 1), **(extra or {})}
-    if workdir is None:
-        return result
-    with open(os.path.join(workdir, f"predictions_{name}.txt"), "w", encoding="utf-8") as f:
-        f.writelines(" ".join(p.splitlines()) + "\n" for p in predictions)
-    os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)
-    with open(os.path.join(workdir, "generations", f"{name}.jsonl"), "w", encoding="utf-8") as f:
-        for s, r, p in zip(sources, references, predictions):
-            f.write(json.dumps({"source": s, "prediction": p, "references": r}) + "\n")
-    with open(os.path.join(workdir, f"eval_{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if workdir is not None:
+        workdir_io.write_json(workdir, f"eval_{name}.json", result)
     return result
+
+
+def decoding_record(settings: decoding.DecodeSettings) -> dict:
+    """How a split was decoded, as `eval_<name>.json` records it (and the evaluate tool compares
+    before writing over an earlier result)."""
+    return {"num_beams": settings.num_beams, "length_penalty": settings.length_penalty,
+            "max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample}

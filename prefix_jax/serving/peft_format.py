@@ -30,6 +30,7 @@ from prefix_jax import configs
 from prefix_jax.errors import UserError
 from prefix_jax.models.core import KV
 from prefix_jax.prefix import positions
+from prefix_jax.training import workdir as workdir_io
 
 CONFIG_FILE, WEIGHTS_FILE = configs.PEFT_CONFIG_FILE, configs.PEFT_WEIGHTS_FILE
 TENSOR = "prompt_embeddings"
@@ -93,8 +94,9 @@ def base_model_name(model_path: str, source: str) -> str:
 def write_adapter(out_dir: str, kv: KV, model_config, base_model: str,
                   provenance: dict | None = None, model_card: str | None = None) -> None:
     """Write `kv` as a PEFT adapter into `out_dir` (created; must not hold files already), with
-    `provenance` as prefix_jax.json and `model_card` as README.md when given."""
-    from safetensors.numpy import save_file
+    `provenance` as prefix_jax.json and `model_card` as README.md when given. The directory
+    appears complete or not at all (training/workdir.py `new_directory`)."""
+    from safetensors.numpy import save
 
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"--out={out_dir} exists and is not empty; give a new directory")
@@ -102,18 +104,15 @@ def write_adapter(out_dir: str, kv: KV, model_config, base_model: str,
         raise UserError(f"--out={out_dir} is a file; give a new directory")
     embeddings = kv_to_embeddings(kv)
     config = adapter_config(model_config, embeddings.shape[0], base_model)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file({TENSOR: embeddings}, os.path.join(out_dir, WEIGHTS_FILE))
-    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    if provenance is not None:
-        with open(os.path.join(out_dir, PROVENANCE_FILE), "w") as f:
-            json.dump(provenance, f, indent=2, sort_keys=True)
-            f.write("\n")
-    if model_card is not None:
-        with open(os.path.join(out_dir, MODEL_CARD_FILE), "w", encoding="utf-8") as f:
-            f.write(model_card)
+    with workdir_io.new_directory(out_dir) as staging:
+        workdir_io.write_bytes(staging, WEIGHTS_FILE, save({TENSOR: embeddings}))
+        workdir_io.write_text(staging, CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True)
+                              + "\n")
+        if provenance is not None:
+            workdir_io.write_text(staging, PROVENANCE_FILE,
+                                  json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        if model_card is not None:
+            workdir_io.write_text(staging, MODEL_CARD_FILE, model_card)
 
 
 def read_adapter(path: str) -> tuple[dict, np.ndarray]:

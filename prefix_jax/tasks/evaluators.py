@@ -13,9 +13,7 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 import time
 
 import jax
@@ -27,6 +25,7 @@ from prefix_jax.data import pipeline
 from prefix_jax.serving import decoding, evaluation
 from prefix_jax.tasks import metrics, text_to_text
 from prefix_jax.tasks.base import EvalContext, Model
+from prefix_jax.training import workdir as workdir_io
 
 QUICK_METRICS = ("bleu", "rouge_l")
 _LABELS = {"bleu": "BLEU", "rouge_l": "ROUGE-L", "exact_match": "EM"}
@@ -82,9 +81,9 @@ class DevGeneration:
                 model.base, params["base"], kv, tokenizer,
                 [self.task.prompt(s) for s in sources], self.spec.batch_size,
                 _settings(tokenizer, self.spec, options))
-            scores = self._score(predictions, refs)
-            if ctx.is_main and ctx.workdir is not None:
+            if ctx.is_main and ctx.workdir is not None:  # before scoring: decoding is the cost
                 _save_generations(ctx.workdir, title, sources, refs, predictions)
+            scores = self._score(predictions, refs)
             if ctx.is_main:
                 _print_samples(title, scores, sources, predictions, self.spec.num_samples,
                                self.task.unit)
@@ -96,10 +95,9 @@ class DevGeneration:
 
 
 def _save_generations(workdir: str, name: str, sources, references, predictions) -> None:
-    os.makedirs(os.path.join(workdir, "generations"), exist_ok=True)
-    with open(os.path.join(workdir, "generations", f"{name}.jsonl"), "w") as f:
-        for s, r, p in zip(sources, references, predictions):
-            f.write(json.dumps({"source": s, "prediction": p, "references": r}) + "\n")
+    workdir_io.write_jsonl(workdir, f"generations/{name}.jsonl", [
+        {"source": s, "prediction": p, "references": r}
+        for s, r, p in zip(sources, references, predictions)])
 
 
 def _print_samples(title: str, scores: dict, sources, predictions, n: int, unit: str) -> None:
