@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from prefix_jax.errors import UserError
 from prefix_jax.training import workdir as workdir_io
@@ -130,16 +131,11 @@ def check(saved: Mapping[str, Any] | None, current: Mapping[str, Any],
 def legacy_identity(workdir: str) -> dict[str, Any] | None:
     """For checkpoints written before identities were recorded: the identity of the
     workdir's config.json (the last start's config), or None without one."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not (epath.Path(workdir) / "config.json").exists():
         return None
-    try:
-        with open(path) as f:
-            return identity(json.load(f))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}) and the checkpoints record no identity "
-                        "to check this run against; restore that file or use a new "
-                        "--workdir") from e
+    return identity(workdir_io.read_json(
+        workdir, "config.json", fix="the checkpoints record no identity to check this run "
+        "against; restore that file or use a new --workdir"))
 
 
 def versions() -> dict[str, str]:
@@ -190,11 +186,8 @@ RUN_LOG = "run_log.jsonl"
 def append_run_log(workdir: str, record: Mapping[str, Any]) -> None:
     """Add one line to the workdir's run log. The whole file is rewritten through the workdir
     module (so the write is atomic where it is, and works where appending does not: gs://)."""
-    path = os.path.join(workdir, RUN_LOG)
-    before = ""
-    if os.path.isfile(path):
-        with open(path) as f:
-            before = f.read()
+    path = epath.Path(workdir) / RUN_LOG
+    before = path.read_text(encoding="utf-8") if path.exists() else ""
     if before and not before.endswith("\n"):
         before += "\n"  # a torn last line stays as it was, on a line of its own
     workdir_io.write_text(workdir, RUN_LOG, before + json.dumps(record) + "\n")
