@@ -128,6 +128,8 @@ def distributed_config() -> ml_collections.ConfigDict:
         coordinator_address="",  # host:port of process 0, for clusters JAX cannot detect
         num_processes=0,  # with coordinator_address: how many processes
         process_id=-1,  # with coordinator_address: this process's index
+        stop_check_every=10,  # several processes: steps between their agreement on a
+        # preemption stop (one tiny all-gather that waits for the step in flight)
     ))
 
 
@@ -331,6 +333,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r}: must be 'none', 'full' or 'dots'")
     dist = config.distributed
+    _check(is_int(dist.stop_check_every) and dist.stop_check_every > 0,
+           f"distributed.stop_check_every={dist.stop_check_every!r}: must be an integer > 0")
     _check(dist.initialize in ("auto", "on", "off"),
            f"distributed.initialize={dist.initialize!r}: must be 'auto', 'on' or 'off'")
     if dist.coordinator_address:
