@@ -324,6 +324,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
+    _check(is_int(d.bucket_multiple) and d.bucket_multiple > 0,
+           f"data.bucket_multiple={d.bucket_multiple!r}: must be an integer > 0 (batches are "
+           "padded to a multiple of it; 1 = no padding beyond the longest row)")
+    _check(is_int(config.seed) and config.seed >= 0,
+           f"seed={config.seed!r}: must be an integer >= 0 (it seeds the prefix init and the "
+           "batch order)")
     _check(is_int(d.get("subsample_seed", 0)) and d.get("subsample_seed", 0) >= 0,
            f"data.subsample_seed={d.get('subsample_seed')!r}: must be an integer >= 0")
     m = config.model
