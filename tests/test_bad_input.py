@@ -376,3 +376,37 @@ def test_a_process_exits_2_with_one_line_and_traceback_shows_the_stack(tmp_path)
     assert "/nonexistent/e2e" in result.stderr and "Traceback" not in result.stderr
     result = run_main_process(*flags, "--traceback", workdir=tmp_path / "run")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generate_refuses_inputs_past_the_context(tmp_path, capsys):
+    """GPT-2 has 512 learned positions here: a long input, or a short one with too many new
+    tokens, is refused with the limit named (it used to decode NaN logits into empty lines)."""
+    from prefix_jax import train
+
+    workdir = tmp_path / "gpt2"
+    train.train_and_evaluate(runlocal_config(model__path="tiny-gpt2", train__num_steps=1,
+                                             eval__num_examples=0, eval__eval_untuned=False),
+                             str(workdir))
+    inputs, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    for source, new_tokens, named in (("name[" + "x" * 600 + "]", 8, "input 2 is "),
+                                      ("name[The Eagle]", 500, "max_new_tokens=500")):
+        inputs.write_text(f"name[A]\n{source}\n" if new_tokens == 8 else f"{source}\n")
+        capsys.readouterr()
+        status, _, err = run_tool("generate", f"--workdir={workdir}", f"--input={inputs}",
+                                  f"--out={out}", f"--max_new_tokens={new_tokens}", "--raw",
+                                  capsys=capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert status == 2 and len(errors) == 1, err[-3000:]
+        assert named in errors[0] and "512 (its learned position table)" in errors[0]
+        assert not out.exists()
+
+
+def test_eval_batch_far_above_the_examples_is_clamped_with_a_note(tmp_path, capsys):
+    from prefix_jax import train
+
+    # unclamped, 100000 rows of padding would take gigabytes and minutes to decode
+    result = train.train_and_evaluate(
+        runlocal_config(train__num_steps=1, eval__num_examples=2, eval__batch_size=100_000,
+                        eval__eval_untuned=False, eval__max_new_tokens=2), str(tmp_path / "w"))
+    assert "eval/bleu" in result
+    assert "batch_size=100000 is more than its 2 examples" in capsys.readouterr().err
