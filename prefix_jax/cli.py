@@ -77,6 +77,10 @@ def parse(values: flags.FlagValues, argv: list[str]) -> list[str]:
         fail(f"{str(e).splitlines()[0]} (see --help)")
     except UserError as e:  # raised by a config file's get_config(arg)
         fail(str(e))
+    except ImportError as e:  # a config file's own import, e.g. `from experiments import ...`
+        fail(f"the --config file could not import {e.name or str(e)!r} ({e}): its imports are "
+             f"resolved from the working directory {os.getcwd()}, not from the file's folder; "
+             "run from the repository root, or add that root to PYTHONPATH")
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # ml_collections raises these for a --config.x.y override that names no field or
         # has the wrong type; the message already suggests the closest field.

@@ -129,6 +129,8 @@ def distributed_config() -> ml_collections.ConfigDict:
         coordinator_address="",  # host:port of process 0, for clusters JAX cannot detect
         num_processes=0,  # with coordinator_address: how many processes
         process_id=-1,  # with coordinator_address: this process's index
+        stop_check_every=10,  # several processes: steps between their agreement on a
+        # preemption stop (one tiny all-gather that waits for the step in flight)
     ))
 
 
@@ -334,6 +336,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"data.extra_dirs={d.get('extra_dirs')!r}: must be a comma-separated string of dirs")
     _check(is_int(d.train_examples) and d.train_examples >= 0,
            f"data.train_examples={d.train_examples!r}: must be an integer >= 0 (0 = all)")
+    _check(is_int(d.bucket_multiple) and d.bucket_multiple > 0,
+           f"data.bucket_multiple={d.bucket_multiple!r}: must be an integer > 0 (batches are "
+           "padded to a multiple of it; 1 = no padding beyond the longest row)")
+    _check(is_int(config.seed) and config.seed >= 0,
+           f"seed={config.seed!r}: must be an integer >= 0 (it seeds the prefix init and the "
+           "batch order)")
     _check(is_int(d.get("subsample_seed", 0)) and d.get("subsample_seed", 0) >= 0,
            f"data.subsample_seed={d.get('subsample_seed')!r}: must be an integer >= 0")
     m = config.model
@@ -343,6 +351,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r}: must be 'none', 'full' or 'dots'")
     dist = config.distributed
+    _check(is_int(dist.stop_check_every) and dist.stop_check_every > 0,
+           f"distributed.stop_check_every={dist.stop_check_every!r}: must be an integer > 0")
     _check(dist.initialize in ("auto", "on", "off"),
            f"distributed.initialize={dist.initialize!r}: must be 'auto', 'on' or 'off'")
     if dist.coordinator_address:

@@ -374,7 +374,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
     bar = tqdm(total=num_steps, initial=start, desc="train", disable=not is_main,
                dynamic_ncols=True)
     last_eval: dict[str, float] = {}
-    with preemption.stop_on_signals() as stop:
+    with preemption.stop_on_signals(every=config.distributed.stop_check_every) as stop:
         for step in range(start + 1, num_steps + 1):
             local = next(data_iter)
             shapes = tuple(x.shape for x in local.values())
@@ -388,8 +388,9 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
             bar.update(1)
 
             log_now = step % config.train.log_every == 0 or step == num_steps
+            stop_now = stop.agreed(step)  # the same step on every process of a pod
             save_now = (step % config.train.checkpoint_every == 0 or step == num_steps
-                        or stop.requested)
+                        or stop_now)
             if log_now or save_now:
                 checked_losses += _check_finite(pending, workdir, ckpt, is_main)
                 pending.clear()
@@ -409,7 +410,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
                 if hooks.after_checkpoint:
                     ckpt.wait_until_finished()
                     hooks.after_checkpoint(step)
-            if stop.requested:
+            if stop_now:
                 ckpt.wait_until_finished()
                 bar.close()
                 writer.close()

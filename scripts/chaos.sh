@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Kill a runlocal training run at random moments N times (SIGKILL, every third one SIGTERM),
-# rerun the same command after each kill, and check that the final prefix is bitwise equal to
-# that of an uninterrupted run.
+# then once during an evaluation and once during a checkpoint save (SIGKILL), rerun the same
+# command after each kill, and check that the final prefix is bitwise equal to that of an
+# uninterrupted run.
 #   bash scripts/chaos.sh [N=5] [SEED=0]      (uses .venv/ or $PYTHON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,9 +12,9 @@ PY=${PYTHON:-.venv/bin/python}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-FLAGS=(--config=experiments/e2e_smollm2.py:runlocal --config.eval.num_examples=0
+FLAGS=(--config=experiments/e2e_smollm2.py:runlocal --config.eval.num_examples=4
        --config.eval.eval_untuned=False --config.train.num_steps=80
-       --config.train.checkpoint_every=4)
+       --config.train.checkpoint_every=4 --config.train.eval_every=16)
 
 latest_step() {
   ls "$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true
@@ -44,6 +45,36 @@ for i in $(seq 1 "$N"); do
     echo "kill $i: the run had already finished"
   fi
 done
+
+# During an evaluation: the dev evaluation runs right after the save of every 16th step and
+# writes generations/dev_stepN.jsonl when it ends; the kill comes 0.5 s after that step's
+# checkpoint appears, and counts as "during the evaluation" only if that file is not there yet.
+W="$TMP/chaos"
+eval_step=$(( ($(latest_step "$W") / 16 + 1) * 16 ))
+if [ "$eval_step" -lt 80 ]; then
+  "$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$W" >"$TMP/chaos_eval.log" 2>&1 &
+  pid=$!
+  while kill -0 "$pid" 2>/dev/null && [ ! -d "$W/checkpoints/$eval_step" ]; do sleep 0.05; done
+  sleep 0.5
+  during=no; ls "$W"/generations/dev_step"$eval_step".jsonl >/dev/null 2>&1 || during=yes
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null && status=0 || status=$?
+  echo "kill during evaluation of step $eval_step: SIGKILL (evaluation unfinished: $during);" \
+       "exit status $status"
+fi
+
+# During a checkpoint save: orbax writes each checkpoint into a temporary directory and renames
+# it when complete; the kill comes as soon as such a directory is seen.
+"$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$W" >"$TMP/chaos_save.log" 2>&1 &
+pid=$!
+tmp_dir=""
+while kill -0 "$pid" 2>/dev/null && [ -z "$tmp_dir" ]; do
+  tmp_dir=$(ls "$W/checkpoints" 2>/dev/null | grep -m1 tmp || true)
+done
+kill -KILL "$pid" 2>/dev/null && killed=yes || killed=no
+wait "$pid" 2>/dev/null && status=0 || status=$?
+echo "kill during a checkpoint save: SIGKILL while $W/checkpoints/${tmp_dir:-?} existed" \
+     "(killed: $killed); exit status $status"
 
 echo "final: rerun to completion"
 "$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$TMP/chaos" >"$TMP/final.log" 2>&1

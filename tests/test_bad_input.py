@@ -69,6 +69,52 @@ def tiny_hf_dir_with_wrong_tokenizer(tmp):
     return d
 
 
+def tiny_hf_llama_dir(tmp, edit_config=None, edit_tensors=None):
+    """A tiny HF Llama dir (byte tokenizer) with its config.json and/or its tensors changed."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    from prefix_jax import models
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=512)
+    d = tmp / "hf_llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    models.byte_tokenizer().save_pretrained(d)
+    if edit_config:
+        config = json.loads((d / "config.json").read_text())
+        edit_config(config)
+        (d / "config.json").write_text(json.dumps(config))
+    if edit_tensors:
+        tensors = load_file(str(d / "model.safetensors"))
+        edit_tensors(tensors)
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def _yarn(config):
+    config.pop("rope_scaling", None)
+    config["rope_parameters"] = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}
+
+
+def _bad_utf8_file(tmp, name: str, good: str, bad: bytes, copy_of: str | None = None):
+    """A data dir holding `name` = `good` text then a line with `bad` bytes (line 3 of the
+    file when `good` has two lines), plus symlinks to `copy_of`'s other files."""
+    d = tmp / "data"
+    d.mkdir()
+    if copy_of:
+        for other in os.listdir(copy_of):
+            if other != name:
+                os.symlink(os.path.join(copy_of, other), d / other)
+    (d / name).write_bytes(good.encode() + bad + b"\n")
+    return f"--config.data.dir={d}"
+
+
 def tiny_peft_adapter(tmp, length: int):
     """A PEFT prefix-tuning adapter dir for the tiny Llama with `length` virtual tokens."""
     import numpy as np
@@ -179,6 +225,42 @@ CATALOG = {
                                      "longer than data.max_len=20"),
     "max-len-over-model-maximum": (lambda t: ([RUNLOCAL, "--config.data.max_len=100000"], None),
                                    "maximum sequence length"),
+    "non-utf8-e2e-csv": (
+        lambda t: ([RUNLOCAL, _bad_utf8_file(t, "trainset.csv", "mr,ref\n" + GOOD_ROW,
+                                             b'"name[B]",caf\xe9', E2E_DIR)], None),
+        "trainset.csv:3: byte 0xe9, which is not UTF-8"),
+    "nul-in-e2e-csv": (
+        lambda t: ([RUNLOCAL, _bad_utf8_file(t, "trainset.csv", "mr,ref\n" + GOOD_ROW,
+                                             b'"name[B]",a\0b', E2E_DIR)], None),
+        "trainset.csv:3: a NUL byte"),
+    "non-utf8-sst2-tsv": (
+        lambda t: ([SST2, _bad_utf8_file(t, "train.tsv", "sentence\tlabel\ngood\t1\n",
+                                         b"caf\xe9\t0", SST2_DIR)], None),
+        "train.tsv:3: byte 0xe9"),
+    "nul-in-jsonl": (
+        lambda t: ([JSONL, _bad_utf8_file(t, "train.jsonl",
+                                          '{"country": "B", "capital": "C"}\n\n',
+                                          b'{"country": "\0"}')], None),
+        "train.jsonl:3: a NUL byte"),
+    "zero-bucket-multiple": (lambda t: ([RUNLOCAL, "--config.data.bucket_multiple=0"], None),
+                             "data.bucket_multiple=0"),
+    "negative-seed": (lambda t: ([RUNLOCAL, "--config.seed=-1"], None), "seed=-1"),
+    "config-import-fails": (lambda t: ([f"--config={_config_importing_nothing(t)}"], None),
+                            "working directory"),
+    "hf-unknown-model-type": (
+        lambda t: ([RUNLOCAL, f"--config.model.path={tiny_hf_llama_dir(t, lambda c: c.update(model_type='no-such-model'))}"],  # noqa: E501
+                   None), "model_type"),
+    "hf-unsupported-rope-type": (
+        lambda t: ([RUNLOCAL, f"--config.model.path={tiny_hf_llama_dir(t, _yarn)}"], None),
+        "rope_type='yarn'"),
+    "hf-missing-tensor": (
+        lambda t: ([RUNLOCAL, "--config.model.path=" + str(tiny_hf_llama_dir(
+            t, edit_tensors=lambda w: w.pop("model.norm.weight")))], None),
+        "lack tensor 'model.norm.weight'"),
+    "hf-left-over-tensor": (
+        lambda t: ([RUNLOCAL, "--config.model.path=" + str(tiny_hf_llama_dir(
+            t, edit_tensors=lambda w: w.update(extra=w["model.norm.weight"])))], None),
+        "tensor 'extra'"),
     "workdir-is-a-file": (lambda t: ([RUNLOCAL], _file(t)), "is a file"),
     "unwritable-workdir": (lambda t: ([RUNLOCAL], os.path.join(_file(t), "run")),
                            "cannot be created"),
@@ -213,6 +295,8 @@ CATALOG = {
         lambda t: ([JSONL_CLS, labelled_dir(t)], None), "dev.jsonl:1: label 'mixed'"),
 }
 
+SST2 = f"--config={os.path.join(REPO, 'experiments', 'sst2_minilm_prefix.py')}:runlocal"
+SST2_DIR = os.path.join(os.path.dirname(E2E_DIR), "sst2")
 JSONL = f"--config={os.path.join(REPO, 'experiments', 'jsonl_example.py')}:runlocal"
 JSONL_CLS = (f"--config={os.path.join(REPO, 'experiments', 'jsonl_classification_example.py')}"
              ":runlocal")
@@ -234,6 +318,14 @@ def labelled_dir(tmp) -> str:
                d / "train.jsonl")
     (d / "dev.jsonl").write_text('{"text": "so so", "label": "mixed"}\n')
     return f"--config.data.dir={d}"
+
+
+def _config_importing_nothing(tmp):
+    """A config file that imports a helper module the working directory does not have (as
+    `from experiments import sweeps` does when run from outside the repository root)."""
+    p = tmp / "my_experiment.py"
+    p.write_text("from my_missing_helpers import base  # noqa\n")
+    return p
 
 
 def _garbage(tmp):
@@ -284,3 +376,37 @@ def test_a_process_exits_2_with_one_line_and_traceback_shows_the_stack(tmp_path)
     assert "/nonexistent/e2e" in result.stderr and "Traceback" not in result.stderr
     result = run_main_process(*flags, "--traceback", workdir=tmp_path / "run")
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_generate_refuses_inputs_past_the_context(tmp_path, capsys):
+    """GPT-2 has 512 learned positions here: a long input, or a short one with too many new
+    tokens, is refused with the limit named (it used to decode NaN logits into empty lines)."""
+    from prefix_jax import train
+
+    workdir = tmp_path / "gpt2"
+    train.train_and_evaluate(runlocal_config(model__path="tiny-gpt2", train__num_steps=1,
+                                             eval__num_examples=0, eval__eval_untuned=False),
+                             str(workdir))
+    inputs, out = tmp_path / "in.txt", tmp_path / "out.txt"
+    for source, new_tokens, named in (("name[" + "x" * 600 + "]", 8, "input 2 is "),
+                                      ("name[The Eagle]", 500, "max_new_tokens=500")):
+        inputs.write_text(f"name[A]\n{source}\n" if new_tokens == 8 else f"{source}\n")
+        capsys.readouterr()
+        status, _, err = run_tool("generate", f"--workdir={workdir}", f"--input={inputs}",
+                                  f"--out={out}", f"--max_new_tokens={new_tokens}", "--raw",
+                                  capsys=capsys)
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert status == 2 and len(errors) == 1, err[-3000:]
+        assert named in errors[0] and "512 (its learned position table)" in errors[0]
+        assert not out.exists()
+
+
+def test_eval_batch_far_above_the_examples_is_clamped_with_a_note(tmp_path, capsys):
+    from prefix_jax import train
+
+    # unclamped, 100000 rows of padding would take gigabytes and minutes to decode
+    result = train.train_and_evaluate(
+        runlocal_config(train__num_steps=1, eval__num_examples=2, eval__batch_size=100_000,
+                        eval__eval_untuned=False, eval__max_new_tokens=2), str(tmp_path / "w"))
+    assert "eval/bleu" in result
+    assert "batch_size=100000 is more than its 2 examples" in capsys.readouterr().err

@@ -123,7 +123,7 @@ def test_missing_file_and_missing_split_are_errors(tmp_path):
 
 def test_not_utf8_is_an_error(tmp_path):
     (tmp_path / "train.jsonl").write_bytes(b'{"country": "A", "capital": "B"}\n{"c": "\xff"}\n')
-    with pytest.raises(UserError, match=r"train.jsonl:2: not UTF-8"):
+    with pytest.raises(UserError, match=r"train.jsonl:2: byte 0xff, which is not UTF-8"):
         tasks.get(text_config(str(tmp_path)))
 
 

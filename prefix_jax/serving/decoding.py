@@ -26,6 +26,7 @@ from prefix_jax import prefix as prefix_lib
 from prefix_jax.models.backbone import Backbone
 from prefix_jax.models.core import KV
 from prefix_jax.prefix import masks
+from prefix_jax.serving import context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,6 +304,8 @@ def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, promp
     if prefix_rows is not None and len(prefix_rows) != len(prompts):
         raise ValueError(f"{len(prefix_rows)} prefix rows for {len(prompts)} prompts")
     ids = tokenizer(prompts, add_special_tokens=False).input_ids
+    context.check_fits(module.config, [len(i) for i in ids], settings.max_new_tokens,
+                       settings.prefix.position_offset)
     texts: list[str] = []
     bar = tqdm(total=len(ids), desc=progress, unit="source", disable=progress is None,
                dynamic_ncols=True)

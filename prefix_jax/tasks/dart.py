@@ -14,7 +14,7 @@ import os
 import xml.etree.ElementTree as ET
 
 from prefix_jax.errors import UserError
-from prefix_jax.tasks import metrics
+from prefix_jax.tasks import metrics, text_file
 from prefix_jax.tasks.text_to_text import Pair, TextToTextTask
 
 SPLIT_FILES = {"dev": "dart-v1.1.1-full-dev.json", "test": "dart-v1.1.1-full-test.xml"}
@@ -33,13 +33,13 @@ def read_split(data_dir: str, split: str) -> tuple[list[str], list[list[str]]]:
         raise UserError(f"{path}: DART {split} file not found; {GET_DATA}")
     sources, references = [], []
     try:
+        text = text_file.read_text(path)
         if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                for entry in json.load(f):
-                    sources.append(format_triples([tuple(t) for t in entry["tripleset"]]))
-                    references.append([a["text"].strip() for a in entry["annotations"]])
+            for entry in json.loads(text):
+                sources.append(format_triples([tuple(t) for t in entry["tripleset"]]))
+                references.append([a["text"].strip() for a in entry["annotations"]])
         else:
-            for entry in ET.parse(path).getroot().iter("entry"):
+            for entry in ET.fromstring(text.encode("utf-8")).iter("entry"):
                 triples = [tuple(part.strip() for part in m.text.split("|"))
                            for m in entry.iter("mtriple")]
                 sources.append(format_triples(triples))

@@ -8,11 +8,12 @@ its references.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import shutil
 
 from prefix_jax.errors import UserError
-from prefix_jax.tasks import metrics
+from prefix_jax.tasks import metrics, text_file
 from prefix_jax.tasks.text_to_text import Pair, TextToTextTask, format_source, group_references
 
 __all__ = ["E2E", "Pair", "format_source", "group_references", "read_pairs"]
@@ -29,7 +30,7 @@ def read_pairs(data_dir: str, split: str) -> list[Pair]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: E2E {split} file not found; {GET_DATA}")
     pairs = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with io.StringIO(text_file.read_text(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip().lower() for h in header[:2]] != ["mr", "ref"]:

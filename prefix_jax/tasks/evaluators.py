@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import time
 
 import jax
@@ -46,6 +47,18 @@ def _scoring(task: text_to_text.TextToTextTask, chosen):
     return names, functools.partial(metrics.scores, names)
 
 
+def decode_batch_size(spec, name: str, n_examples: int) -> int:
+    """The spec's batch size, clamped to the number of examples: `decoding.generate` pads every
+    batch to full size, so a batch far above the examples would decode (and hold in memory) rows
+    of nothing but padding. Rows are decoded independently: the generations are those of the
+    full batch (up to float rounding of another batch shape)."""
+    if spec.batch_size <= n_examples:
+        return spec.batch_size
+    print(f"note: evals.{name}: batch_size={spec.batch_size} is more than its {n_examples} "
+          f"examples; decoding them as one batch of {max(n_examples, 1)}", file=sys.stderr)
+    return max(n_examples, 1)
+
+
 def _prefix_of(model: Model, params: dict, task: int, ctx: EvalContext):
     """Task `task`'s prefix and the options to decode it with (none for the untuned base)."""
     if not ctx.with_prefix:
@@ -65,6 +78,7 @@ class DevGeneration:
         self.metric_names = tuple(k if t == 0 else f"task{t}_{k}"
                                   for t in range(len(self.sets)) for k in names)
         how = "greedy" if spec.num_beams == 1 else f"beam {spec.num_beams}"
+        self.batch_size = decode_batch_size(spec, name, max(len(s) for s, _ in self.sets))
         self.description = f"{len(self.sets[0][0])} {task.unit}, {how}"
 
     def __call__(self, model: Model, params: dict, tokenizer, ctx: EvalContext
@@ -79,7 +93,7 @@ class DevGeneration:
             kv, options = _prefix_of(model, params, task, ctx)
             predictions = decoding.generate(
                 model.base, params["base"], kv, tokenizer,
-                [self.task.prompt(s) for s in sources], self.spec.batch_size,
+                [self.task.prompt(s) for s in sources], self.batch_size,
                 _settings(tokenizer, self.spec, options))
             if ctx.is_main and ctx.workdir is not None:  # before scoring: decoding is the cost
                 _save_generations(ctx.workdir, title, sources, refs, predictions)
@@ -119,6 +133,7 @@ class ReportGeneration:
         if spec.limit:
             sources, references = sources[:spec.limit], references[:spec.limit]
         self.sources, self.references = sources, references
+        self.batch_size = decode_batch_size(spec, name, len(sources))
         self.description = f"{len(sources)} {task.unit}, beam {spec.num_beams}"
 
     def run(self, module, base_params: dict, kv, options: prefix.DecodeOptions, tokenizer,
@@ -130,7 +145,7 @@ class ReportGeneration:
             self.spec.split, self.sources, self.references,
             [self.task.prompt(s) for s in self.sources],
             self._score, _settings(tokenizer, self.spec, options),
-            self.spec.batch_size, extra)
+            self.batch_size, extra)
 
     def __call__(self, model: Model, params: dict, tokenizer, ctx: EvalContext
                  ) -> dict[str, float]:

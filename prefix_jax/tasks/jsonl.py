@@ -30,7 +30,7 @@ import string
 import ml_collections
 
 from prefix_jax.errors import UserError
-from prefix_jax.tasks import metrics, sst2
+from prefix_jax.tasks import metrics, sst2, text_file
 from prefix_jax.tasks.text_to_text import Pair, TextToTextTask, group_references
 
 SPLITS = ("train", "dev", "test")
@@ -53,24 +53,18 @@ def read_objects(path: str, split: str) -> list[tuple[int, dict]]:
         raise UserError(f"{path}: {split} file not found (data.{split}_file, relative to "
                         f"data.dir); give the path of a JSONL file, {FORMAT}")
     rows = []
-    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported at its line
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path}:{line_no}: not UTF-8 text; save the file as UTF-8"
-                                ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); "
-                                f"fix the line ({FORMAT})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{line_no}: expected a JSON object, got "
-                                f"{type(row).__name__} ({FORMAT})")
-            rows.append((line_no, row))
+    for line_no, line in enumerate(text_file.read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{line_no}: invalid JSON ({e.msg}, column {e.colno}); "
+                            f"fix the line ({FORMAT})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{line_no}: expected a JSON object, got "
+                            f"{type(row).__name__} ({FORMAT})")
+        rows.append((line_no, row))
     if not rows:
         raise UserError(f"{path}: no rows; a JSONL {split} file has {FORMAT}")
     return rows

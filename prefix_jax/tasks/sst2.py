@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import io
 import os
 import time
 import zlib
@@ -21,7 +22,7 @@ import optax
 from prefix_jax import configs, prefix
 from prefix_jax.data.pipeline import round_up
 from prefix_jax.errors import UserError
-from prefix_jax.tasks import base
+from prefix_jax.tasks import base, text_file
 from prefix_jax.training import partition
 
 SPLIT_FILES = {"train": "train.tsv", "dev": "dev.tsv"}
@@ -43,7 +44,7 @@ def read(data_dir: str, split: str) -> list[Example]:
     if not os.path.isfile(path):
         raise UserError(f"{path}: SST-2 {split} file not found; {GET_DATA}")
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with io.StringIO(text_file.read_text(path), newline=None) as f:
         header = f.readline().rstrip("\n").split("\t")
         if header != ["sentence", "label"]:
             raise UserError(f"{path}:1: header is {header!r}, expected 'sentence<TAB>label' "
