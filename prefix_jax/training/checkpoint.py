@@ -52,9 +52,14 @@ def manager(workdir: str, keep: int) -> ocp.CheckpointManager:
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, data_iter, meta: dict) -> None:
-    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                           data=ocp.args.JsonSave(data_iter.get_state()),
-                                           meta=ocp.args.JsonSave(meta)))
+    # force: the loop alone decides when to save; orbax's own policy may otherwise skip a
+    # step (and return False) while an earlier async save is still being written
+    saved = mgr.save(step, force=True,
+                     args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                             data=ocp.args.JsonSave(data_iter.get_state()),
+                                             meta=ocp.args.JsonSave(meta)))
+    if not saved:  # never report a checkpoint that was not written
+        raise OSError(f"orbax declined to save step {step} (latest step: {mgr.latest_step()})")
 
 
 @dataclasses.dataclass(frozen=True)
