@@ -32,8 +32,8 @@ from prefix_jax.models.core import (
     KV,
     REMAT_POLICIES,
     apply_rope,
-    attend,
-    layer_keys_values,
+    cached_attention,
+    n_cache_slots,
     rms_norm,
     rope_angles,
     rope_inv_freq,
@@ -176,8 +176,7 @@ class DecoderLayer(nn.Module):
             k = RMSNorm(cfg.rms_eps, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
-        attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
+        attn, new_kv = cached_attention(q, k, v, prefix, cache, cache_index, mask, dtype)
         x = x + _dense(cfg.d_model, "o_proj", dtype, cfg.o_bias)(attn).astype(x.dtype)
 
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm")(x)
@@ -246,7 +245,7 @@ class Llama(nn.Module):
         cfg = self.config
         b, t = tokens.shape
         n_prefix = 0 if prefix is None else prefix.k.shape[2]
-        n_keys = cache.k.shape[2] if cache is not None else n_prefix + t
+        n_keys = n_cache_slots(cache) if cache is not None else n_prefix + t
         chex.assert_shape(positions, (b, t))
         chex.assert_shape(mask, (b, t, n_keys))
         if prefix is not None:
