@@ -8,7 +8,9 @@ Two ways to call the model, one code path:
 - no cache: keys/values are `concat(prefix, this sequence)`; the mask is `[B, T, P + T]`.
 - with a cache `[L, B, S, K, D]` (decoding): this call's keys/values are written at `cache_index`
   and the queries attend over the whole cache; the mask is `[B, T, S]`. The prefix lives in the
-  cache's first slots, written once by the decoder, so it is not passed again.
+  cache's first slots, written once by the decoder, so it is not passed again. A
+  `core.SplitCache` (decoding steps: prefix and prompt once per prompt, generated slots per
+  hypothesis) is read, not rewritten: the call returns only its own tokens' K/V.
 
 The HF Llama-family variants are fields of `LlamaConfig` (hf_llama.py maps each `model_type`):
 Llama 3.x `llama3` RoPE scaling, q/k/v (and o) biases (Qwen2, Llama/Qwen3 `attention_bias`),
