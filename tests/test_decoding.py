@@ -273,3 +273,10 @@ def test_batches_of_one_bucket_compile_once(tiny_with_prefix):
     prompts = ["a", "bb bb", "ccc ccc ccc", "d", "eeeeeeeee"]  # all within one 16-token bucket
     decoding.generate(loaded.module, loaded.params, kv, loaded.tokenizer, prompts, 2, settings)
     assert decoding.decode._cache_size() == before + 1
+
+
+def test_length_sorted_batches_cover_every_prompt_once_longest_first():
+    lengths = [3, 9, 5, 9, 1, 4, 7]
+    batches = decoding.length_sorted_batches(lengths, 3)
+    assert batches == [[1, 3, 6], [2, 5, 0], [4]]  # equal lengths keep their input order
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))

@@ -1,7 +1,8 @@
 """Benchmarks of this checkout, each a tool: `python -m prefix_jax.bench.<name>`.
 
   train    prefix_jax vs PEFT prefix tuning: tokens/s, arithmetic floor, peak memory
-  decode   decoding speed vs transformers (generate, and a greedy forward loop)
+  decode   decoding speed vs transformers' own generate, each in its own process (hf_decode)
+  step_profile  XLA's per-op profile of the train step, by class of op
   memory   XLA's memory accounting of the train step under the memory options
 
 They measure the main job, so they read its experiment file (`--config`, as prefix_jax.main

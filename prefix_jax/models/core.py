@@ -28,6 +28,30 @@ class KV(NamedTuple):
     v: jax.Array
 
 
+class SplitCache(NamedTuple):
+    """A decoding cache in two parts, so that hypotheses of one prompt never copy what they share.
+
+    `shared` `[L, B, S0, K, D]`: the prefix and the prompt, stored once per prompt.
+    `own` `[L, B * W, N, K, D]`: one slot per generated token, in the row of the hypothesis
+    (row b * W + w) that wrote it; rows are never reordered.
+    `ancestry` `[L, B * W, N]` (the same for every layer; the leading axis only lets the layer scan
+    slice it like the rest): for each hypothesis, which of its prompt's W rows holds its token at
+    each generated slot. Beam search extends a hypothesis by copying its parent's ancestry (a
+    small int array) instead of its keys and values. Greedy decoding is the case W = 1.
+    """
+
+    shared: KV
+    own: KV
+    ancestry: jax.Array
+
+
+def n_cache_slots(cache: KV | SplitCache) -> int:
+    """The key slots a query over `cache` sees (its mask's last axis)."""
+    if isinstance(cache, SplitCache):
+        return cache.shared.k.shape[2] + cache.own.k.shape[2]
+    return cache.k.shape[2]
+
+
 def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
     """The standard RoPE inverse frequencies `[head_dim / 2]` (float32)."""
     return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -77,6 +101,64 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * d)
+
+
+def _attend_split(q: jax.Array, shared: KV, own: KV, ancestry: jax.Array, mask: jax.Array,
+                  scale: float | None, softcap: float | None) -> jax.Array:
+    """`attend` over one layer of a SplitCache: q `[B * W, T, H, D]`, shared `[B, S0, K, D]`, own
+    `[B * W, N, K, D]`, ancestry `[B * W, N]`, mask `[B * W, T, S0 + N]`.
+
+    Each hypothesis reads the shared slots of its prompt directly, and its generated slots
+    through its ancestry: the queries score every row of their prompt (W times the scores of
+    the generated slots, a small array), a one-hot of the ancestry keeps the row each slot
+    belongs to, and the same one-hot weights the values. No cache row is gathered or copied.
+    """
+    bw, t, h, d = q.shape
+    b, _, n_kv, _ = shared.k.shape
+    w, n = bw // b, own.k.shape[1]
+    n_shared = shared.k.shape[1]
+    q = q.reshape(b, w, t, n_kv, h // n_kv, d)
+    own_k = own.k.reshape(b, w, n, n_kv, d)
+    own_v = own.v.reshape(b, w, n, n_kv, d)
+    # [B, W (hypothesis), N, W (row)]: 1 where the row holds the hypothesis's slot
+    pick = jax.nn.one_hot(ancestry.reshape(b, w, n), w, dtype=jnp.float32)
+    scale = d**-0.5 if scale is None else scale
+    shared_scores = jnp.einsum("bwtkgd,bskd->bwkgts", q, shared.k) * scale
+    row_scores = jnp.einsum("bwtkgd,brnkd->bwkgtnr", q, own_k).astype(jnp.float32) * scale
+    own_scores = jnp.einsum("bwkgtnr,bwnr->bwkgtn", row_scores, pick)
+    scores = jnp.concatenate([shared_scores.astype(jnp.float32), own_scores], axis=-1)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
+    mask = mask.reshape(b, w, 1, 1, t, n_shared + n)
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    shared_probs = probs[..., :n_shared].astype(shared.v.dtype)
+    row_probs = (probs[..., n_shared:, None] * pick[:, :, None, None, None]).astype(own.v.dtype)
+    out = (jnp.einsum("bwkgts,bskd->bwtkgd", shared_probs, shared.v)
+           + jnp.einsum("bwkgtnr,brnkd->bwtkgd", row_probs, own_v))
+    return out.reshape(bw, t, h * d)
+
+
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, prefix: KV | None,
+                     cache: KV | SplitCache | None, cache_index, mask: jax.Array, dtype, *,
+                     scale: float | None = None, softcap: float | None = None
+                     ) -> tuple[jax.Array, KV]:
+    """A decoder layer's attention `[B, T, H * D]` and the K/V it returns.
+
+    Without a cache or with a `KV` cache: `layer_keys_values` then `attend`. With a
+    `SplitCache`, this call's tokens go into each row's generated slot `cache_index` for this
+    attention only, and the layer returns just this call's `k`, `v` `[B, T, K, D]`: the decoder
+    writes them into the cache once, outside the layer stack, so no step copies the cache.
+    """
+    if isinstance(cache, SplitCache):
+        own = KV(*(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), cache_index, axis=1)
+                   for c, x in zip(cache.own, (k, v))))
+        shared = KV(cache.shared.k.astype(dtype), cache.shared.v.astype(dtype))
+        own = KV(own.k.astype(dtype), own.v.astype(dtype))
+        return _attend_split(q, shared, own, cache.ancestry, mask, scale, softcap), KV(k, v)
+    keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
+    return attend(q, keys.astype(dtype), values.astype(dtype), mask, scale=scale,
+                  softcap=softcap), new_kv
 
 
 def with_layer_keys(mask: jax.Array, key_mask: jax.Array | None) -> jax.Array:

@@ -38,8 +38,8 @@ from prefix_jax.models.core import (
     KV,
     REMAT_POLICIES,
     apply_rope,
-    attend,
-    layer_keys_values,
+    cached_attention,
+    n_cache_slots,
     rms_norm,
     rope_angles,
     sliding_window,
@@ -138,9 +138,9 @@ class DecoderLayer(nn.Module):
             b, t, cfg.n_kv_heads, -1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
-        attn = attend(q, keys.astype(dtype), values.astype(dtype), mask,
-                      scale=cfg.query_pre_attn_scalar ** -0.5, softcap=cfg.attn_logit_softcap)
+        attn, new_kv = cached_attention(q, k, v, prefix, cache, cache_index, mask, dtype,
+                                        scale=cfg.query_pre_attn_scalar ** -0.5,
+                                        softcap=cfg.attn_logit_softcap)
         attn = _dense(cfg.d_model, "o_proj", dtype)(attn)
         x = x + OffsetRMSNorm(cfg.rms_eps, name="post_attention_layernorm")(attn).astype(x.dtype)
 
@@ -200,7 +200,7 @@ class Gemma2(nn.Module):
         cfg = self.config
         b, t = tokens.shape
         n_prefix = 0 if prefix is None else prefix.k.shape[2]
-        n_keys = cache.k.shape[2] if cache is not None else n_prefix + t
+        n_keys = n_cache_slots(cache) if cache is not None else n_prefix + t
         chex.assert_shape(positions, (b, t))
         chex.assert_shape(mask, (b, t, n_keys))
         if prefix is not None:

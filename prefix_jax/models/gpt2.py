@@ -24,7 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from prefix_jax.models.backbone import Capabilities
-from prefix_jax.models.core import KV, REMAT_POLICIES, attend, layer_keys_values, with_layer_keys
+from prefix_jax.models.core import (
+    KV,
+    REMAT_POLICIES,
+    cached_attention,
+    n_cache_slots,
+    with_layer_keys,
+)
 
 # Logical names of every parameter's dimensions, by path regex (see sharding.regex_axes).
 # The fused QKV columns are split over `heads` like Llama's q_proj: any split is correct, and this
@@ -118,8 +124,7 @@ class GPT2Block(nn.Module):
         qkv = _dense(3 * d, "c_attn", dtype)(h)
         q, k, v = (y.reshape(b, t, cfg.n_heads, cfg.head_dim) for y in jnp.split(qkv, 3, -1))
 
-        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
-        attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
+        attn, new_kv = cached_attention(q, k, v, prefix, cache, cache_index, mask, dtype)
         x = x + _dense(d, "attn_proj", dtype)(attn).astype(x.dtype)
 
         h = LayerNorm(cfg.ln_eps, name="ln_2")(x)
@@ -175,7 +180,7 @@ class GPT2(nn.Module):
         cfg = self.config
         b, t = tokens.shape
         n_prefix = 0 if prefix is None else prefix.k.shape[2]
-        n_keys = cache.k.shape[2] if cache is not None else n_prefix + t
+        n_keys = n_cache_slots(cache) if cache is not None else n_prefix + t
         chex.assert_shape(positions, (b, t))
         chex.assert_shape(mask, (b, t, n_keys))
         if prefix is not None:

@@ -8,7 +8,9 @@ Two ways to call the model, one code path:
 - no cache: keys/values are `concat(prefix, this sequence)`; the mask is `[B, T, P + T]`.
 - with a cache `[L, B, S, K, D]` (decoding): this call's keys/values are written at `cache_index`
   and the queries attend over the whole cache; the mask is `[B, T, S]`. The prefix lives in the
-  cache's first slots, written once by the decoder, so it is not passed again.
+  cache's first slots, written once by the decoder, so it is not passed again. A
+  `core.SplitCache` (decoding steps: prefix and prompt once per prompt, generated slots per
+  hypothesis) is read, not rewritten: the call returns only its own tokens' K/V.
 
 The HF Llama-family variants are fields of `LlamaConfig` (hf_llama.py maps each `model_type`):
 Llama 3.x `llama3` RoPE scaling, q/k/v (and o) biases (Qwen2, Llama/Qwen3 `attention_bias`),
@@ -32,8 +34,8 @@ from prefix_jax.models.core import (
     KV,
     REMAT_POLICIES,
     apply_rope,
-    attend,
-    layer_keys_values,
+    cached_attention,
+    n_cache_slots,
     rms_norm,
     rope_angles,
     rope_inv_freq,
@@ -176,8 +178,7 @@ class DecoderLayer(nn.Module):
             k = RMSNorm(cfg.rms_eps, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        keys, values, new_kv = layer_keys_values(k, v, prefix, cache, cache_index)
-        attn = attend(q, keys.astype(dtype), values.astype(dtype), mask)
+        attn, new_kv = cached_attention(q, k, v, prefix, cache, cache_index, mask, dtype)
         x = x + _dense(cfg.d_model, "o_proj", dtype, cfg.o_bias)(attn).astype(x.dtype)
 
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm")(x)
@@ -246,7 +247,7 @@ class Llama(nn.Module):
         cfg = self.config
         b, t = tokens.shape
         n_prefix = 0 if prefix is None else prefix.k.shape[2]
-        n_keys = cache.k.shape[2] if cache is not None else n_prefix + t
+        n_keys = n_cache_slots(cache) if cache is not None else n_prefix + t
         chex.assert_shape(positions, (b, t))
         chex.assert_shape(mask, (b, t, n_keys))
         if prefix is not None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from prefix_jax import prefix as prefix_lib
 from prefix_jax.models.backbone import Backbone
-from prefix_jax.models.core import KV
+from prefix_jax.models.core import KV, SplitCache
 from prefix_jax.prefix import masks
 from prefix_jax.serving import context
 
@@ -78,51 +78,69 @@ def left_pad(prompts: list[list[int]], pad_id: int, multiple: int = 16
 
 
 class _Cache(NamedTuple):
-    kv: KV  # [L, B, S, K, D]: prefix slots, prompt slots, then one slot per new token
-    slot_valid: jax.Array  # [B, S]: False on left padding
-    next_slot: jax.Array  # scalar: where the next token's key/value goes
-    next_position: jax.Array  # [B]: the next token's position
-    key_mask: jax.Array | None  # [L, S]: False on the prefix slots of layers without a prefix
+    """The decoding state of B prompts x W hypotheses (W = 1 unless beam search)."""
+
+    shared: KV  # [L, B, S0, K, D]: prefix and prompt slots, once per prompt
+    own: KV  # [L, B * W, N, K, D]: one slot per generated token, in the row that wrote it
+    ancestry: jax.Array  # [B * W, N]: which of its prompt's W rows holds a hypothesis's slot n
+    slot_valid: jax.Array  # [B * W, S0 + N]: False on left padding
+    next_position: jax.Array  # [B * W]: the next token's position
+    key_mask: jax.Array | None  # [L, S0 + N]: False on the prefix slots of layers without one
 
 
 def _prefill(module: Backbone, params: dict, prefix: KV | None, tokens: jax.Array,
              valid: jax.Array, settings: DecodeSettings) -> tuple[jax.Array, _Cache]:
-    """The prompts over a fresh cache (prefix already in it); next-token logits `[B, V]`."""
+    """The prompts over a fresh cache (prefix already in it); next-token logits `[B, V]` and
+    the state of W = `settings.num_beams` hypotheses per prompt, which share the prompt's slots.
+    """
     cfg = module.config
     b, t = tokens.shape
+    w, n = settings.num_beams, settings.max_new_tokens
     n_prefix = 0 if prefix is None else prefix.k.shape[2]
     if prefix is not None and prefix.k.shape[1] not in (1, b):
         raise ValueError(f"prefix batch axis is {prefix.k.shape[1]}; it must be 1 (shared) or "
                          f"the batch size {b} (one prefix per row)")
-    max_new_tokens = settings.max_new_tokens
-    n_slots = n_prefix + t + max_new_tokens
     dtype = jnp.dtype(cfg.dtype)
-    shape = (cfg.n_layers, b, n_slots, cfg.n_kv_heads, cfg.head_dim)
+    shape = (cfg.n_layers, b, n_prefix + t, cfg.n_kv_heads, cfg.head_dim)
     kv = KV(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
     if n_prefix:
         kv = KV(*(c.at[:, :, :n_prefix].set(
             jnp.broadcast_to(p, (cfg.n_layers, b, *p.shape[2:])).astype(dtype))
             for c, p in zip(kv, prefix)))
-    slot_valid = jnp.concatenate([jnp.ones((b, n_prefix), bool), valid,
-                                  jnp.ones((b, max_new_tokens), bool)], axis=1)
+    shared_valid = jnp.concatenate([jnp.ones((b, n_prefix), bool), valid], axis=1)
     positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0) + settings.prefix.position_offset
-    mask, key_mask = masks.prefill(settings.prefix, slot_valid, n_prefix, t, cfg.n_layers)
+    mask, _ = masks.prefill(settings.prefix, shared_valid, n_prefix, t, cfg.n_layers)
     hidden, kv = module.apply({"params": params}, tokens, positions, mask, cache=kv,
-                              cache_index=n_prefix, return_hidden=True, key_mask=key_mask)
+                              cache_index=n_prefix, return_hidden=True,
+                              key_mask=masks.key_mask(settings.prefix.prefix_layers,
+                                                      cfg.n_layers, n_prefix, n_prefix + t))
     logits = module.apply({"params": params}, hidden[:, -1], method="logits")
-    return logits.astype(jnp.float32), _Cache(kv, slot_valid, jnp.int32(n_prefix + t),
-                                              positions[:, -1] + 1, key_mask)
+    own_shape = (cfg.n_layers, b * w, n, cfg.n_kv_heads, cfg.head_dim)
+    slot_valid = jnp.concatenate([jnp.repeat(shared_valid, w, axis=0),
+                                  jnp.ones((b * w, n), bool)], axis=1)
+    cache = _Cache(kv, KV(jnp.zeros(own_shape, dtype), jnp.zeros(own_shape, dtype)),
+                   jnp.zeros((b * w, n), jnp.int32), slot_valid,
+                   jnp.repeat(positions[:, -1] + 1, w, axis=0),
+                   masks.key_mask(settings.prefix.prefix_layers, cfg.n_layers, n_prefix,
+                                  n_prefix + t + n))
+    return logits.astype(jnp.float32), cache
 
 
-def _step(module: Backbone, params: dict, cache: _Cache, token: jax.Array
+def _step(module: Backbone, params: dict, cache: _Cache, token: jax.Array, i: jax.Array
           ) -> tuple[jax.Array, _Cache]:
-    """Feed one token per row `[B]`; next-token logits `[B, V]` and the advanced cache."""
-    mask = masks.step(cache.slot_valid, cache.next_slot)
-    logits, kv = module.apply({"params": params}, token[:, None], cache.next_position[:, None],
-                              mask, cache=cache.kv, cache_index=cache.next_slot,
-                              key_mask=cache.key_mask)
-    return logits[:, -1].astype(jnp.float32), _Cache(kv, cache.slot_valid, cache.next_slot + 1,
-                                                     cache.next_position + 1, cache.key_mask)
+    """Feed generated token `i` of each hypothesis `[B * W]`; next-token logits `[B * W, V]`
+    and the advanced cache. The token's keys and values go into its own row's slot `i`, the
+    one place the cache is written, so the while loop updates it in place."""
+    n_layers, n_shared = cache.shared.k.shape[0], cache.shared.k.shape[2]
+    mask = masks.step(cache.slot_valid, n_shared + i)
+    ancestry = jnp.broadcast_to(cache.ancestry, (n_layers, *cache.ancestry.shape))
+    logits, new = module.apply({"params": params}, token[:, None], cache.next_position[:, None],
+                               mask, cache=SplitCache(cache.shared, cache.own, ancestry),
+                               cache_index=i, key_mask=cache.key_mask)
+    own = KV(*(jax.lax.dynamic_update_slice_in_dim(c, x.astype(c.dtype), i, axis=2)
+               for c, x in zip(cache.own, new)))
+    return logits[:, -1].astype(jnp.float32), cache._replace(
+        own=own, next_position=cache.next_position + 1)
 
 
 def _is_stop(token: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -178,7 +196,7 @@ def _greedy_or_sample(module: Backbone, params: dict, prefix: KV | None, tokens:
         out = out.at[:, i].set(token)
         done = done | _is_stop(token, settings.stop_ids)
         # The last iteration's step is wasted work; skipping it would cost a cond in the loop.
-        logits, cache = _step(module, params, cache, token)
+        logits, cache = _step(module, params, cache, token, i)
         return i + 1, logits, cache, done, out, score
 
     out = jnp.full((b, n), settings.pad_id, jnp.int32)
@@ -202,11 +220,8 @@ def _beam_search(module: Backbone, params: dict, prefix: KV | None, tokens: jax.
     b = tokens.shape[0]
     w, n, lp = settings.num_beams, settings.max_new_tokens, settings.length_penalty
     logits, cache = _prefill(module, params, prefix, tokens, valid, settings)
-    # The prompt is read once per row, then copied to each beam (row b * W + beam).
+    # The prompt is read once per prompt and its slots stay shared by its beams (row b * W + beam).
     logits = jnp.repeat(logits, w, axis=0)
-    cache = _Cache(KV(*(jnp.repeat(c, w, axis=1) for c in cache.kv)),
-                   jnp.repeat(cache.slot_valid, w, axis=0), cache.next_slot,
-                   jnp.repeat(cache.next_position, w, axis=0), cache.key_mask)
     vocab = logits.shape[-1]
     neg_inf = jnp.float32(-jnp.inf)
 
@@ -236,9 +251,11 @@ def _beam_search(module: Backbone, params: dict, prefix: KV | None, tokens: jax.
         live_logp, keep = jax.lax.top_k(jnp.where(ends, neg_inf, cand_logp), w)
         live_seq = jnp.take_along_axis(cand_seq, keep[:, :, None], axis=1)
         parent = jnp.take_along_axis(cand_beam, keep, axis=1)
-        rows = (jnp.arange(b)[:, None] * w + parent).reshape(-1)
-        cache = cache._replace(kv=KV(*(c[:, rows] for c in cache.kv)))
-        logits, cache = _step(module, params, cache, live_seq[:, :, i].reshape(-1))
+        # A beam inherits its parent's ancestry and writes its new token into its own row.
+        ancestry = jnp.take_along_axis(cache.ancestry.reshape(b, w, n), parent[:, :, None], axis=1)
+        ancestry = ancestry.at[:, :, i].set(jnp.arange(w)[None, :]).reshape(b * w, n)
+        logits, cache = _step(module, params, cache._replace(ancestry=ancestry),
+                              live_seq[:, :, i].reshape(-1), i)
 
         length = jnp.where(lp > 0, n, i + 2).astype(jnp.float32)
         best_possible = live_logp[:, 0] / length ** lp
@@ -292,37 +309,53 @@ def settings_for(tokenizer, max_new_tokens: int, extra_stop_ids: tuple[int, ...]
                           pad_id=models.pad_id(tokenizer), **kwargs)
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices of the prompts in batches of `batch_size`, longest prompts first.
+
+    Why sorted: a batch runs until its slowest row ends, and a data-to-text output's length
+    follows its input's (more fields, more words), so rows of similar prompt lengths tend to end
+    together and no row idles long; the left padding shrinks too. Sorting keeps every shape
+    fixed (one compile per padded prompt length), where refilling finished rows from a queue
+    would need per-row cache positions and a prefill inside the decoding loop. The sort is
+    stable, so equal lengths keep their input order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def generate(module: Backbone, params: dict, prefix: KV | None, tokenizer, prompts: list[str],
              batch_size: int, settings: DecodeSettings, prefix_rows: list[int] | None = None,
              seed: int = 0, progress: str | None = None) -> list[str]:
-    """Generations for prompt strings, in batches (the last batch padded to full size);
+    """Generations for prompt strings, in input order, decoded in `length_sorted_batches` (the
+    last batch padded to full size with copies of its last prompt, so every batch has one shape);
     `progress`: the label of a progress bar on stderr (None: no bar).
 
     With `prefix_rows` (one int per prompt), `prefix` is a bank `KV([L, N, P, K, D])` and
     prompt i uses the bank's prefix `prefix_rows[i]`; otherwise `prefix` is shared (or None).
+    Sampling draws batch k's tokens from `fold_in(key(seed), k)`.
     """
     if prefix_rows is not None and len(prefix_rows) != len(prompts):
         raise ValueError(f"{len(prefix_rows)} prefix rows for {len(prompts)} prompts")
     ids = tokenizer(prompts, add_special_tokens=False).input_ids
     context.check_fits(module.config, [len(i) for i in ids], settings.max_new_tokens,
                        settings.prefix.position_offset)
-    texts: list[str] = []
+    texts: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(ids), desc=progress, unit="source", disable=progress is None,
                dynamic_ncols=True)
-    for start in range(0, len(ids), batch_size):
-        chunk = ids[start:start + batch_size]
-        n_real = len(chunk)
-        chunk = chunk + [chunk[-1]] * (batch_size - n_real)  # one shape for every batch
-        tokens, valid = left_pad(chunk, settings.pad_id)
+    for k, batch in enumerate(length_sorted_batches([len(x) for x in ids], batch_size)):
+        n_real = len(batch)
+        batch = batch + [batch[-1]] * (batch_size - n_real)  # one shape for every batch
+        tokens, valid = left_pad([ids[i] for i in batch], settings.pad_id)
         batch_prefix = prefix
         if prefix_rows is not None:
-            rows = prefix_rows[start:start + batch_size]
-            rows = np.asarray(rows + [rows[-1]] * (batch_size - n_real))
+            rows = np.asarray([prefix_rows[i] for i in batch])
             batch_prefix = KV(prefix.k[:, rows], prefix.v[:, rows])
-        rng = jax.random.fold_in(jax.random.key(seed), start) if settings.do_sample else None
+        rng = jax.random.fold_in(jax.random.key(seed), k) if settings.do_sample else None
         out = decode(module, params, batch_prefix, jnp.asarray(tokens), jnp.asarray(valid),
                      settings, rng)
-        texts.extend(decode_texts(tokenizer, np.asarray(out.tokens)[:n_real], settings.stop_ids))
+        generated = decode_texts(tokenizer, np.asarray(out.tokens)[:n_real], settings.stop_ids)
+        for i, text in zip(batch, generated):
+            texts[i] = text
         bar.update(n_real)
     bar.close()
     return texts
