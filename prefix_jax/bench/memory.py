@@ -38,18 +38,6 @@ def _config(model: str, **fields):
     return config
 
 
-def _batch(tokenizer, batch: int, seq: int) -> dict:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, len(tokenizer), (batch, seq), dtype=np.int32)
-    targets = seq // 4
-    return {"tokens": tokens, "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "target_index": np.tile(np.arange(seq - targets - 1, seq - 1, dtype=np.int32),
-                                    (batch, 1)),
-            "target_tokens": tokens[:, -targets:],
-            "target_weight": np.ones((batch, targets), np.float32)}
-
-
 def _cast(params, dtype: str):
     import jax
     import jax.numpy as jnp
@@ -96,7 +84,7 @@ def main() -> None:
     print(f"temporary memory of one prefix step, batch {_BATCH_SIZE.value} (MiB):")
     loaded = models.load(_config(_MODEL.value).model)  # loaded once; options applied below
     for seq in seq_lens:
-        batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, seq)
+        batch = bench.random_lm_batch(len(loaded.tokenizer), _BATCH_SIZE.value, seq)
         row = []
         for remat in ("none", "full", "dots"):
             config = _config(_MODEL.value, model__remat=remat)
@@ -106,7 +94,7 @@ def main() -> None:
         print(f"  seq {seq}: " + ", ".join(row))
 
     print("float32 vs bfloat16 base:")
-    batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, 128)
+    batch = bench.random_lm_batch(len(loaded.tokenizer), _BATCH_SIZE.value, 128)
     for dtype in ("float32", "bfloat16"):
         config = _config(_MODEL.value, model__param_dtype=dtype)
         cast = _cast(loaded.params, dtype)
