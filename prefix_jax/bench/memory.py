@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 from absl import flags
 
 from prefix_jax import bench, cli
