@@ -47,6 +47,7 @@ from prefix_jax.models import (
     hf_gemma2,
     hf_gpt2,
     hf_llama,
+    int8,
     llama_shapes,
     tiny,
 )
@@ -251,9 +252,17 @@ def loader_for(path: str) -> tuple[str, Loader]:
 
 def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
     """The frozen base named by `model_cfg.path` (see the module docstring), its parameters as
-    host numpy arrays in `model_cfg.param_dtype`, its module with `model_cfg.remat`."""
+    host numpy arrays in `model_cfg.param_dtype` (`int8`: dense kernels quantized per output
+    channel, models/int8.py; Llama family only), its module with `model_cfg.remat`."""
     _, loader = loader_for(model_cfg.path)
     loaded = loader(model_cfg, seed)
+    if model_cfg.param_dtype == "int8":
+        if not isinstance(loaded.module, Llama):
+            raise UserError(f"model.param_dtype=int8 is implemented for Llama-family bases, "
+                            f"not {loaded.config.name}; use model.param_dtype=bfloat16")
+        cfg = dataclasses.replace(loaded.config, int8=True)
+        return dataclasses.replace(loaded, config=cfg, module=Llama(cfg, remat=model_cfg.remat),
+                                   params=int8.quantize_on_host(loaded.params))
     module = type(loaded.module)(loaded.config, remat=model_cfg.remat)
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype, copy=False), loaded.params)

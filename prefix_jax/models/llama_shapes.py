@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models import hf_llama
+from prefix_jax.models import hf_llama, int8
 from prefix_jax.models.core import causal_mask
 from prefix_jax.models.llama import Llama, LlamaConfig
 
@@ -61,10 +61,13 @@ def config(name: str, dtype: str = "float32") -> LlamaConfig:
 
 
 def abstract_params(cfg: LlamaConfig, param_dtype: str) -> dict:
-    """The parameter tree of `cfg` as `jax.ShapeDtypeStruct`s in `param_dtype` (no memory)."""
+    """The parameter tree of `cfg` as `jax.ShapeDtypeStruct`s in `param_dtype` (no memory);
+    `int8`: as `models.load` stores it (models/int8.py: int8 kernels, their scales)."""
     tokens = jnp.zeros((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda: Llama(cfg).init(
         jax.random.key(0), tokens, tokens, causal_mask(jnp.ones_like(tokens), 0))["params"])
+    if param_dtype == "int8":
+        return jax.eval_shape(int8.quantize, shapes)
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(param_dtype)), shapes)
 
 
