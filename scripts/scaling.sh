@@ -29,15 +29,16 @@ plans() {
   plan llama-3.1-70b 256 --seq_lens=2048 --remats=full
 }
 
-run_1b() {  # 12 prefix steps, batch 2 x 128 tokens, float32 activations on the bf16 base
+run_1b() {  # 16 prefix steps over 8 E2E pairs (batch 2 x 128 tokens: each pair every 4th step),
+            # float32 activations on the bf16 base
   rm -rf "$OUT/llama1b"
   /usr/bin/time -v "$PY" -m prefix_jax.main --config=experiments/e2e_smollm2.py \
     --workdir="$OUT/llama1b" --config.model.path=random:llama-3.2-1b \
     --config.model.param_dtype=bfloat16 --config.model.dtype=float32 \
-    --config.prefix.init=random --config.data.train_examples=256 \
-    --config.data.bucket_multiple=128 --config.train.num_steps=12 --config.train.batch_size=2 \
-    --config.train.log_every=1 --config.train.checkpoint_every=12 \
-    --config.optim.warmup_steps=2 --config.eval.num_examples=0 \
+    --config.prefix.init=random --config.data.train_examples=8 \
+    --config.data.bucket_multiple=128 --config.train.num_steps=16 --config.train.batch_size=2 \
+    --config.train.log_every=1 --config.train.checkpoint_every=16 \
+    --config.optim.lr=0.05 --config.optim.warmup_steps=2 --config.eval.num_examples=0 \
     --config.eval.eval_untuned=False 2> "$OUT/llama1b.err"
   grep -E "Maximum resident|Elapsed" "$OUT/llama1b.err"
   cat "$OUT/llama1b/metrics.jsonl"
