@@ -152,7 +152,8 @@ def compile_plan(config, cfg, rows: int, seq: int) -> Plan:
     jitted = jax.jit(step, in_shardings=(state_shardings, frozen_shardings, batch_shardings),
                      out_shardings=(state_shardings, shd.replicated(mesh)), donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = jitted.lower(state, setup.frozen, batch).compile()
+    with jax.set_mesh(mesh):  # as train.py traces its step (sharding.under_mesh)
+        compiled = jitted.lower(state, setup.frozen, batch).compile()
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     compiled_state, compiled_frozen, compiled_batch = compiled.input_shardings[0]

@@ -37,6 +37,7 @@ from prefix_jax.models.core import (
     rms_norm,
     rope_angles,
     rope_inv_freq,
+    shard_rows,
     sliding_window,
     with_layer_keys,
 )
@@ -175,6 +176,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
+        x = shard_rows(x)  # the scan carry: keep rows split over the batch mesh axes
         self.sow("intermediates", "layer_input", x)
         mask = with_layer_keys(mask, key_mask)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm")(x)
@@ -275,7 +277,7 @@ class Llama(nn.Module):
         else:
             chex.assert_shape(embeddings, (b, t, cfg.d_model))
             x = embeddings
-        x = x.astype(jnp.dtype(cfg.dtype))
+        x = shard_rows(x.astype(jnp.dtype(cfg.dtype)))
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.inv_freq())
         if cfg.sliding_window is not None:
             mask = sliding_window(mask, cfg.sliding_window)
