@@ -21,12 +21,12 @@ plan() {  # plan MODEL DEVICES FLAGS...: one table, with the tool's wall time an
 
 plans() {
   plan llama-3.2-1b 1 --seq_lens=128 --remats=dots --dtype=float32  # what run_1b runs
-  plan llama-3.2-1b 8 --seq_lens=512,2048 --remats=none,full
-  plan smollm2-1.7b 8 --seq_lens=512,2048 --remats=none,full
-  plan llama-3.1-8b 8 --seq_lens=512,2048 --remats=none,full
+  plan llama-3.2-1b 8 --seq_lens=2048 --remats=none,full
   plan llama-3.1-8b 64 --seq_lens=2048 --remats=full
   plan llama-3.1-70b 64 --seq_lens=2048 --remats=full
   plan llama-3.1-70b 256 --seq_lens=2048 --remats=full
+  plan llama-3.1-8b 8 --seq_lens=2048 --remats=full
+  plan smollm2-1.7b 8 --seq_lens=2048 --remats=full
 }
 
 run_1b() {  # 16 prefix steps over 8 E2E pairs (batch 2 x 128 tokens: each pair every 4th step),
