@@ -46,7 +46,8 @@ _REMATS = flags.DEFINE_list("remats", ["full"], "model.remat settings, one row e
                             flag_values=FLAGS)
 _ROWS = flags.DEFINE_integer("rows", 0, "Also plan exactly this many rows per device "
                              "(0: only the 1- and 2-row compiles of the fit).", flag_values=FLAGS)
-_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "bfloat16", "Storage dtype of the base.",
+_PARAM_DTYPE = flags.DEFINE_string("param_dtype", "bfloat16", "Storage dtype of the base: "
+                                   "float32, bfloat16 or int8 (models/int8.py).",
                                    flag_values=FLAGS)
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Activation dtype.", flag_values=FLAGS)
 _PREFIX_LEN = flags.DEFINE_integer("prefix_len", 10, "Prefix slots P.", flag_values=FLAGS)
@@ -110,11 +111,13 @@ def replicated_weights(frozen, shardings, n_devices: int) -> tuple[str, ...]:
     return tuple(found)
 
 
-def model_config(name: str, dtype: str):
+def model_config(name: str, dtype: str, param_dtype: str):
+    """The LlamaConfig of shape `name`; an int8 base (`param_dtype`) runs Int8Dense layers."""
     from prefix_jax import models
     from prefix_jax.models import llama_shapes
 
-    return models.tiny_config(dtype=dtype) if name == "tiny" else llama_shapes.config(name, dtype)
+    cfg = models.tiny_config(dtype=dtype) if name == "tiny" else llama_shapes.config(name, dtype)
+    return dataclasses.replace(cfg, int8=param_dtype == "int8")
 
 
 def compile_plan(config, cfg, rows: int, seq: int) -> Plan:
@@ -216,7 +219,7 @@ def main() -> None:
         cli.fail(f"{jax.device_count()} devices are present, not --devices={_DEVICES.value}: "
                  "run with JAX_PLATFORMS=cpu and without XLA_FLAGS forcing a device count")
 
-    cfg = model_config(_MODEL.value, _DTYPE.value)
+    cfg = model_config(_MODEL.value, _DTYPE.value, _PARAM_DTYPE.value)
     n_params = sum(math.prod(x.shape) for x in
                    jax.tree.leaves(llama_shapes.abstract_params(cfg, _PARAM_DTYPE.value)))
     print(f"{_MODEL.value}: {n_params / 1e9:.3f}B base params in {_PARAM_DTYPE.value}, "
