@@ -206,6 +206,10 @@ def main() -> None:
     if _DEVICES.value < 1 or _DEVICES.value % _TENSOR.value:
         cli.fail(f"--devices={_DEVICES.value} must be >= 1 and a multiple of "
                  f"--tensor={_TENSOR.value}")
+    if _PARAM_DTYPE.value not in ("float32", "bfloat16", "int8"):
+        cli.fail(f"--param_dtype={_PARAM_DTYPE.value} must be float32, bfloat16 or int8")
+    if _DTYPE.value not in ("float32", "bfloat16"):
+        cli.fail(f"--dtype={_DTYPE.value} must be float32 or bfloat16")
     bad = [r for r in _REMATS.value if r not in ("none", "full", "dots")]
     if bad:
         cli.fail(f"--remats={','.join(_REMATS.value)}: {bad[0]!r} is not none, full or dots")
