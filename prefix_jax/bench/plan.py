@@ -58,6 +58,8 @@ _CHECK_FIT = flags.DEFINE_bool("check_fit", False, "Compile the predicted larges
                                "largest budget it fits and print its peak.", flag_values=FLAGS)
 _CONFIG = flags.DEFINE_string("config", bench.MAIN_EXPERIMENT, "The experiment FILE[:ARG] "
                               "whose prefix and optimizer are planned.", flag_values=FLAGS)
+_UNIT = flags.DEFINE_enum("unit", "GiB", ["GiB", "MiB"], "Unit of the byte columns.",
+                          flag_values=FLAGS)
 
 GIB = 2**30
 
@@ -192,8 +194,8 @@ def plan_config(model: str, remat: str, tensor: int):
     return config
 
 
-def _gib(n: int) -> str:
-    return f"{n / GIB:.2f}"
+def _in_unit(n: int) -> str:
+    return f"{n / (GIB if _UNIT.value == 'GiB' else 2**20):.2f}"
 
 
 def main() -> None:
@@ -229,7 +231,7 @@ def main() -> None:
     print(f"{_MODEL.value}: {n_params / 1e9:.3f}B base params in {_PARAM_DTYPE.value}, "
           f"activations {_DTYPE.value}, prefix P={_PREFIX_LEN.value}; mesh data=1 x fsdp="
           f"{_DEVICES.value // _TENSOR.value} x tensor={_TENSOR.value} ({_DEVICES.value} "
-          f"simulated devices); GiB per device")
+          f"simulated devices); {_UNIT.value} per device")
     budget_cols = " | ".join(f"max rows @{b:g}" for b in budgets)
     print(f"| seq | remat | rows/dev | base | prefix+opt | batch | XLA temp | peak | compile s "
           f"| {budget_cols} |")
@@ -252,9 +254,9 @@ def main() -> None:
                 replicated.update(plan.replicated)
                 fit_cols = " | ".join(str(f) for f in fits) if plan is one else \
                     " | ".join("" for _ in fits)
-                print(f"| {seq} | {remat} | {plan.rows} | {_gib(plan.base)} | "
-                      f"{_gib(plan.state)} | {_gib(plan.batch)} | {_gib(plan.temp)} | "
-                      f"{_gib(plan.peak)} | {plan.compile_s:.1f} | {fit_cols} |", flush=True)
+                print(f"| {seq} | {remat} | {plan.rows} | {_in_unit(plan.base)} | "
+                      f"{_in_unit(plan.state)} | {_in_unit(plan.batch)} | {_in_unit(plan.temp)} | "
+                      f"{_in_unit(plan.peak)} | {plan.compile_s:.1f} | {fit_cols} |", flush=True)
     print("max rows: linear fit of the peak over the 1- and 2-row compiles (global batch = rows "
           f"x {_DEVICES.value // _TENSOR.value} fsdp shards)")
     if replicated:
