@@ -11,7 +11,7 @@ import pytest
 from tests.helpers import REPO, run_tool
 
 TOOLS = ["main", "generate", "evaluate", "export", "eject", "sweep", "compare",
-         "layer_influence", "bench.train", "bench.decode", "bench.memory"]
+         "layer_influence", "bench.train", "bench.decode", "bench.memory", "bench.plan"]
 
 
 @pytest.mark.parametrize("flag", ["--help", "--helpfull"])
