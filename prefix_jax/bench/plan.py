@@ -13,9 +13,9 @@ temporaries). Nothing is allocated, so a 70B plan runs on a laptop; only compile
 
 The largest batch that fits each per-device memory of --budgets_gib (v5e 16, v4 32, H100 80,
 H200 141 GiB) comes from a linear fit over two compiles (1 and 2 rows per device): every term
-but the temporaries is fixed, and the temporaries of this step grow linearly in the rows (the
-`fit check` column compiles the predicted row count for the largest budget that is not
-exceeded by the fixed bytes alone, when --check_fit is set, and prints its true peak).
+but the temporaries is fixed, and the temporaries of this step grow linearly in the rows.
+`--check_fit` also compiles the largest predicted row count (above 2) and prints its true peak
+as one more row, to check the line.
 
 It also inspects the sharding of every compiled input: a base weight that a device holds whole
 while the mesh has more than one device is reported, and the tool exits with status 1.
