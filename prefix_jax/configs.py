@@ -87,7 +87,8 @@ def model_config(path: str = "smollm2") -> ml_collections.ConfigDict:
         path=path,  # 'smollm2' (packaged GGUF), 'tiny', 'tiny-mha', a .gguf file or an HF dir
         dtype="float32",  # activation dtype: float32 is fastest on CPU, bfloat16 on accelerators
         param_dtype="float32",  # storage dtype of the frozen base ('bfloat16' halves its memory;
-        # the prefix and its optimizer state stay float32)
+        # 'int8': dense kernels int8 with per-channel scales, Llama family; the prefix and its
+        # optimizer state stay float32)
         remat="dots",  # recompute in the backward pass: 'none', 'full' or 'dots' (keep only
         # weight-matmul outputs). 'dots' measured on the 2-core CPU, SmolLM2 4x128 prefix step:
         # 46% less temporary memory than 'none' and ~4% faster (docs/performance.md)
@@ -345,9 +346,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(is_int(d.get("subsample_seed", 0)) and d.get("subsample_seed", 0) >= 0,
            f"data.subsample_seed={d.get('subsample_seed')!r}: must be an integer >= 0")
     m = config.model
-    for name in ("dtype", "param_dtype"):
-        _check(m[name] in ("float32", "bfloat16"),
-               f"model.{name}={m[name]!r}: must be 'float32' or 'bfloat16'")
+    _check(m.dtype in ("float32", "bfloat16"),
+           f"model.dtype={m.dtype!r}: must be 'float32' or 'bfloat16'")
+    _check(m.param_dtype in ("float32", "bfloat16", "int8"),
+           f"model.param_dtype={m.param_dtype!r}: must be 'float32', 'bfloat16' or 'int8'")
     _check(m.remat in ("none", "full", "dots"),
            f"model.remat={m.remat!r}: must be 'none', 'full' or 'dots'")
     dist = config.distributed

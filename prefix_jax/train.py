@@ -344,6 +344,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
     step = functools.partial(train_step, model=model, tx=setup.tx, loss_fn=task.loss)
     step_fn = jax.jit(hooks.wrap_step(step) if hooks.wrap_step else step, donate_argnums=(0,),
                       out_shardings=(setup.state_shardings, shd.replicated(mesh)))
+    step_fn = shd.under_mesh(mesh, step_fn)  # traced with the mesh set: rows stay split
 
     def run_evals(evaluators: dict, step: int, with_prefix: bool = True) -> dict[str, float]:
         if with_prefix:  # never a score of a NaN prefix

@@ -11,7 +11,8 @@ import pytest
 from tests.helpers import REPO, run_tool
 
 TOOLS = ["main", "generate", "evaluate", "export", "eject", "sweep", "compare",
-         "layer_influence", "bench.train", "bench.decode", "bench.memory", "bench.step_profile"]
+         "layer_influence", "bench.train", "bench.decode", "bench.memory", "bench.step_profile",
+         "bench.plan"]
 
 
 @pytest.mark.parametrize("flag", ["--help", "--helpfull"])

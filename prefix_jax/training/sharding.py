@@ -22,10 +22,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from prefix_jax.errors import UserError
+from prefix_jax.models.core import BATCH_MESH_AXES
 from prefix_jax.training.partition import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")  # FSDP shards the batch too: each fsdp shard sees its own rows
+BATCH_AXES = BATCH_MESH_AXES  # FSDP shards the batch too: each fsdp shard sees its own rows
 
 AxesFn = Callable[[str, int], Sequence[str | None]]  # (param path, ndim) -> logical names
 
@@ -132,6 +133,16 @@ def place(tree, shardings, consume: bool = False) -> Any:
 
     walk(tree, shardings)
     return tree
+
+
+def under_mesh(mesh: Mesh, fn: Callable) -> Callable:
+    """`fn` called with `mesh` set (`jax.set_mesh`), so a jitted step traced by it sees the mesh
+    and the models keep activation rows split over the batch axes (`models.core.shard_rows`)."""
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return call
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
