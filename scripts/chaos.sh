@@ -2,7 +2,8 @@
 # Kill a runlocal training run at random moments N times (SIGKILL, every third one SIGTERM),
 # then once during an evaluation and once during a checkpoint save (SIGKILL), rerun the same
 # command after each kill, and check that the final prefix is bitwise equal to that of an
-# uninterrupted run.
+# uninterrupted run. While that uninterrupted run trains, a second run is started on its workdir:
+# it must fail at once naming the first (the workdir lock) and leave the first unharmed.
 #   bash scripts/chaos.sh [N=5] [SEED=0]      (uses .venv/ or $PYTHON)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +21,20 @@ latest_step() {
   ls "$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -1 || true
 }
 
-echo "reference: uninterrupted run"
-"$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$TMP/reference" >"$TMP/reference.log" 2>&1
+echo "reference: uninterrupted run, and a second run started on its workdir meanwhile"
+"$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$TMP/reference" >"$TMP/reference.log" 2>&1 &
+first=$!
+while kill -0 "$first" 2>/dev/null && [ ! -e "$TMP/reference/run.lock" ]; do sleep 0.05; done
+"$PY" -m prefix_jax.main "${FLAGS[@]}" --workdir="$TMP/reference" >"$TMP/second.log" 2>&1 \
+  && second=0 || second=$?
+first_alive=no; kill -0 "$first" 2>/dev/null && first_alive=yes
+echo "second run on the same workdir: exit status $second (first still running: $first_alive)"
+grep -m1 "^error:" "$TMP/second.log" | sed 's/^/  /' || true
+wait "$first"  # set -e: the reference run must succeed
+if [ "$second" -ne 2 ] || [ "$first_alive" != yes ] \
+   || ! grep -q "in use by a running training run" "$TMP/second.log"; then
+  echo "FAIL: the second run on a live workdir was not refused at once"; exit 1
+fi
 
 # Each round: start the run, wait until it has written a checkpoint newer than the last round's
 # (so every kill interrupts training, not start-up), then kill it 0 to 3 s later: at a random
