@@ -31,7 +31,7 @@ def eject_workdir(workdir: str, out: str) -> dict:
     from prefix_jax import prefix, train
     from prefix_jax.errors import UserError
     from prefix_jax.serving import bank
-    from prefix_jax.training import checkpoint, partition
+    from prefix_jax.training import checkpoint, partition, run_identity
     from prefix_jax.training import workdir as workdir_io
 
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
@@ -74,7 +74,9 @@ def eject_workdir(workdir: str, out: str) -> dict:
     with workdir_io.new_directory(out) as staging:
         workdir_io.write_text(staging, "config.json", flat_config.to_json_best_effort(indent=2))
         mgr = checkpoint.manager(str(staging), flat_config.train.keep_checkpoints)
-        new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable))
+        # the flat run is its own experiment (prefix.reparam='none'): it resumes under its config
+        new_meta = dict(meta, trainable_shapes=checkpoint.shapes(flat_state.trainable),
+                        identity=run_identity.identity(flat_config))
         mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat_state),
                                                data=ocp.args.JsonSave(data_state),
                                                meta=ocp.args.JsonSave(new_meta)))

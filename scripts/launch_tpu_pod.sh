@@ -61,7 +61,13 @@ MOUNT='$HOME/bucket'
 WORKDIR="$MOUNT/$(q "${BUCKET_DIR:+$BUCKET_DIR/}$RUN")"
 LAUNCH_DIR="\$HOME/prefix_jax_launches/$LAUNCH_ID"
 REMOTE_REPO="$LAUNCH_DIR/prefix_jax"
-REMOTE_DATA="$LAUNCH_DIR/data"
+# The data lives outside the launch directories, named by a digest of its contents: a relaunch
+# of the same run passes the same --config.data.dir (the path is part of the run identity
+# checked on resume), other data gets another path (and so is refused on resume), and nothing
+# a live job reads is rewritten.
+DATA_ID=$(tar -cf - --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner \
+            -C "$(dirname "$DATA")" "$(basename "$DATA")" | sha256sum | cut -c1-16)
+REMOTE_DATA="\$HOME/prefix_jax_data/$DATA_ID"
 LOG="$LAUNCH_DIR/run.log"
 GCLOUD=(gcloud compute tpus tpu-vm)
 WHERE=(--zone "$ZONE" --worker=all)
@@ -91,8 +97,10 @@ run tar -czf "/tmp/$DATA_ARCHIVE" -C "$(dirname "$DATA")" "$(basename "$DATA")"
 run "${GCLOUD[@]}" scp "/tmp/$ARCHIVE" "/tmp/$DATA_ARCHIVE" "$TPU:/tmp/" "${WHERE[@]}"
 
 # Installs are pinned by constraints.txt (kept beside setup.cfg; jax's pin fixes libtpu too).
-on_all_workers "set -e; mkdir -p $REMOTE_REPO $REMOTE_DATA $MOUNT; \
-tar -xzf /tmp/$ARCHIVE -C $REMOTE_REPO; tar -xzf /tmp/$DATA_ARCHIVE -C $REMOTE_DATA; \
+on_all_workers "set -e; mkdir -p $REMOTE_REPO $MOUNT; \
+tar -xzf /tmp/$ARCHIVE -C $REMOTE_REPO; \
+if [ ! -d $REMOTE_DATA ]; then mkdir -p $REMOTE_DATA.$LAUNCH_ID; \
+tar -xzf /tmp/$DATA_ARCHIVE -C $REMOTE_DATA.$LAUNCH_ID; mv $REMOTE_DATA.$LAUNCH_ID $REMOTE_DATA; fi; \
 rm -f /tmp/$ARCHIVE /tmp/$DATA_ARCHIVE; \
 python3 -m venv $REMOTE_REPO/.venv; \
 $REMOTE_REPO/.venv/bin/pip install -q -c $REMOTE_REPO/constraints.txt -e $REMOTE_REPO 'jax[tpu]'; \

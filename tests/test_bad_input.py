@@ -191,7 +191,7 @@ CATALOG = {
                    "train.batch_size=0"),
     "negative-lr": (lambda t: ([RUNLOCAL, "--config.optim.lr=-1.0"], None), "optim.lr"),
     "bad-dtype": (lambda t: ([RUNLOCAL, "--config.model.dtype=float16"], None), "model.dtype"),
-    "bad-param-dtype": (lambda t: ([RUNLOCAL, "--config.model.param_dtype=int8"], None),
+    "bad-param-dtype": (lambda t: ([RUNLOCAL, "--config.model.param_dtype=int4"], None),
                         "model.param_dtype"),
     "bad-remat": (lambda t: ([RUNLOCAL, "--config.model.remat=some"], None), "model.remat"),
     "mesh-larger-than-devices": (lambda t: ([RUNLOCAL, "--config.mesh.data=3"], None),

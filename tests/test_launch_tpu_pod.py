@@ -35,9 +35,12 @@ def test_dry_run_prints_the_pod_commands(tmp_path):
     assert "gcsfuse --implicit-dirs bkt $HOME/bucket" in setup
     assert start.startswith(f"gcloud compute tpus tpu-vm ssh pod1 {where} --command ")
     for piece in ("python -m prefix_jax.main --config=experiments/e2e_smollm2.py",
-                  f"--config.data.dir={launch_dir}/data/e2e", "--config.distributed.initialize=on",
+                  "--config.distributed.initialize=on",
                   "--workdir=$HOME/bucket/runs/r1", "--config.train.batch_size=64"):
         assert piece in start
+    # the data by a digest of its contents, outside the launch directories: a relaunch passes
+    # the same data.dir, which the run identity checks on resume
+    assert re.search(r"--config.data.dir=\$HOME/prefix_jax_data/[0-9a-f]{16}/e2e ", start)
     assert "dry run: nothing was executed" in r.stdout
     assert not os.path.exists(re.search(r"-o (\S+)", archive).group(1))
 
@@ -127,7 +130,8 @@ def test_a_relaunch_keeps_the_files_of_the_running_job(tmp_path):
     for launch in launches:
         assert (launch / "prefix_jax" / "setup.cfg").is_file()
         assert (launch / "prefix_jax" / ".venv" / "bin" / "python").is_file()
-        assert (launch / "data" / "e2e" / "trainset.csv").is_file()
+    (data,) = (home / "prefix_jax_data").iterdir()  # one copy of the same data, kept
+    assert (data / "e2e" / "trainset.csv").is_file()
 
 
 def test_constraints_pin_every_requirement_within_setup_cfg():

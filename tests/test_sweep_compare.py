@@ -140,8 +140,8 @@ def test_pod_lines_one_launch_per_run(tmp_path, capsys):
     r = subprocess.run(["bash", *argv[:cut], "--dry_run", *argv[cut:]], capture_output=True,
                        text=True, cwd=REPO, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert ("--workdir=$HOME/bucket/sweeps/e2e_smollm2-runlocal/prefix.length=1 "
-            "--config.prefix.length=1") in r.stdout
+    assert ("--config.prefix.length=1 "
+            "--workdir=$HOME/bucket/sweeps/e2e_smollm2-runlocal/prefix.length=1") in r.stdout
     status, _, err = run_tool("sweep", f"--config={E2E}", "--tpu", "pod1", "--bucket",
                               "gs://b", capsys=capsys)
     assert status == 2 and "--tpu needs --zone" in err
