@@ -1,0 +1,104 @@
+"""Packed runs (train_packed.py): R runs in one vmapped step equal the R runs trained one by one,
+each workdir is an ordinary run's, incompatible runs are refused by field, resume works."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from prefix_jax import train, train_packed
+from prefix_jax.errors import UserError
+from prefix_jax.training import checkpoint
+from tests.helpers import SimulatedCrashError, runlocal_config
+
+
+def _config(**overrides):
+    # no decoding evaluation: this is about the training math; eval loss keeps a final metric
+    fields = dict(train__num_steps=6, train__log_every=1, train__checkpoint_every=3,
+                  eval__num_examples=0, eval__eval_untuned=False)
+    return runlocal_config(**{**fields, **overrides})
+
+
+def _losses(workdir):
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _prefix(workdir):
+    _, arrays, _ = checkpoint.load_latest_arrays(workdir)
+    return arrays
+
+
+def _assert_close_trees(a, b):
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
+
+
+def _variants():
+    """Different learning rates, warmups, subsets (size and subsample seed) and schedule lengths."""
+    return [_config(optim__lr=5e-2, data__train_examples=40, data__subsample_seed=0),
+            _config(optim__lr=1e-2, optim__warmup_steps=2, data__train_examples=40,
+                    data__subsample_seed=1),
+            _config(optim__lr=3e-2, data__train_examples=80, data__subsample_seed=2,
+                    train__num_steps=4)]
+
+
+def test_packed_equals_one_by_one(tmp_path):
+    variants = _variants()
+    alone = [str(tmp_path / f"alone{i}") for i in range(len(variants))]
+    packed = [str(tmp_path / f"packed{i}") for i in range(len(variants))]
+    for config, workdir in zip(variants, alone):
+        train.train_and_evaluate(config, workdir)
+    train_packed.train_packed(_variants(), packed)
+    for a, p in zip(alone, packed):
+        la, lp = _losses(a), _losses(p)
+        assert la.keys() == lp.keys() and len(la) >= 4
+        np.testing.assert_allclose([lp[k] for k in sorted(lp)], [la[k] for k in sorted(la)],
+                                   rtol=1e-5)
+        _assert_close_trees(_prefix(p), _prefix(a))
+        results_a = json.load(open(os.path.join(a, "results.json")))
+        results_p = json.load(open(os.path.join(p, "results.json")))
+        assert results_a["results_identity"] == results_p["results_identity"]
+        assert results_a["step"] == results_p["step"]
+    # the runs really differ from each other (else equality would prove little)
+    assert _losses(packed[0]) != _losses(packed[1])
+
+
+def test_packed_resume_after_crash(tmp_path):
+    variants = _variants()[:2]
+    packed = [str(tmp_path / f"packed{i}") for i in range(2)]
+    alone = str(tmp_path / "alone")
+    train.train_and_evaluate(_variants()[1], alone)
+
+    def crash_at(step):
+        if step == 3:
+            raise SimulatedCrashError(step)
+
+    with pytest.raises(SimulatedCrashError):
+        train_packed.train_packed(variants, packed, train.Hooks(after_checkpoint=crash_at))
+    # the crash came after run 0's step-3 save, before run 1's: the runs resume at 3 and 0
+    assert checkpoint.manager(packed[0], 2).latest_step() == 3
+    assert checkpoint.manager(packed[1], 2).latest_step() is None
+    train_packed.train_packed(_variants()[:2], packed)
+    _assert_close_trees(_prefix(packed[1]), _prefix(alone))
+    np.testing.assert_allclose(list(_losses(packed[1]).values()),
+                               list(_losses(alone).values()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("prefix__length", 3, "prefix.length"),
+    ("train__batch_size", 2, "train.batch_size"),
+    ("prefix__mode", "hidden", "prefix.mode"),
+])
+def test_incompatible_runs_refused_naming_the_field(tmp_path, field, value, named):
+    with pytest.raises(UserError, match=f"cannot be packed.*{named}"):
+        train_packed.train_packed([_config(), _config(**{field: value})],
+                                  [str(tmp_path / "a"), str(tmp_path / "b")])
+    assert not os.path.exists(tmp_path / "a")  # nothing written
+
+
+def test_fine_tuning_is_not_packed():
+    assert train_packed.packing_problem([_config(trainable=r"^base/")])
+    assert train_packed.packing_problem([_config(), _config(seed=3)]) is None
