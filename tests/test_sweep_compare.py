@@ -64,7 +64,7 @@ def experiment(tmp_path, sweep: str, name: str = "exp") -> str:
 def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys):
     root = tmp_path / "root"
     status, out, _ = run_tool("sweep", f"--config={E2E}", "--root", root, "--dry_run",
-                              capsys=capsys)
+                              "--pack=false", capsys=capsys)
     assert status == 0
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
     # 5 prefix lengths + 4 depths + 3 inits + 50/100/200/500 x 5 subsets x 2 seeds
@@ -84,11 +84,30 @@ def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys)
     assert not root.exists()
 
     status, out, _ = run_tool("sweep", f"--config={E2E}:runlocal", "--root", root,
-                                "--dry_run", "--filter", "^length$", capsys=capsys)
+                              "--dry_run", "--filter", "^length$", capsys=capsys)
     commands = [line for line in out.splitlines() if not line.startswith("#")]
     assert status == 0 and len(commands) == 5
     assert all(f"--config={E2E}:runlocal --workdir={root}/e2e_smollm2-runlocal/prefix.length="
                in c for c in commands)
+
+
+def test_dry_run_packs_compatible_entries(tmp_path, capsys):
+    """With packing (the default) the low-data entries (they differ in seed and subset only)
+    train as packed programs of at most --pack_max runs; the prefix lengths (different shapes)
+    and depths still run alone; every entry appears exactly once."""
+    root = tmp_path / "root"
+    status, out, _ = run_tool("sweep", f"--config={E2E}", "--root", root, "--dry_run",
+                              "--pack_max=8", capsys=capsys)
+    assert status == 0
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    alone = [c for c in commands if c[2] == "prefix_jax.main"]
+    packed = [c for c in commands if c[2] == "prefix_jax.sweep"]
+    entries = [int(i) for c in packed for i in c[-1].removeprefix("--run_packed=").split(",")]
+    assert all(2 <= len(c[-1].split(",")) <= 8 for c in packed)
+    assert len(entries) + len(alone) == len(set(entries)) + len(alone) == 5 + 4 + 3 + 40
+    assert "prefix.length=1" in {c[4].rsplit("/", 1)[1] for c in alone}
+    assert 51 in entries  # data.train_examples=500,data.subsample_seed=4,seed=1
+    assert not root.exists()
 
 
 @pytest.mark.parametrize("entry,message", [
