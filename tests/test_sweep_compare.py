@@ -4,6 +4,7 @@ data.subsample_seed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -367,3 +368,37 @@ def test_run_record_best_final_throughput_and_checkpoint(tmp_path):
     assert "| run | new | prefix.length | trainable params |" in table
     assert "| run | — | 5 | — | — | 30.00 | 1.50 | 20.00 | 1.50 | 2.000 | 200 | 700 B |" in table
     assert "Unfinished (no results.json): other." in table
+
+
+def _replicate_run(root, name, size, init, seed, subsample, bleu):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"seed": seed, "data": {"train_examples": size, "subsample_seed": subsample},
+         "prefix": {"init": init}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/loss": 1.0}) + "\n")
+    (run / "results.json").write_text(json.dumps({"eval/bleu": bleu, "step": 10}))
+
+
+def test_compare_groups_replicates_with_mean_std_and_interval(tmp_path, capsys):
+    """Runs that differ only in seed / subsample_seed are one setting: n, mean, std, 95% t
+    interval per metric; the low-data figure (error bars) is drawn."""
+    root = tmp_path / "runs"
+    values = {("text", 50): [10.0, 12.0, 14.0], ("random", 50): [5.0, 7.0],
+              ("text", 100): [20.0, 20.0, 23.0], ("random", 100): [9.0]}
+    for (init, size), bleus in values.items():
+        for i, bleu in enumerate(bleus):
+            _replicate_run(root, f"{init}-{size}-{i}", size, init, i % 2, i, bleu)
+    out = tmp_path / "cmp"
+    status, _, err = run_tool("compare", f"--workdir={root}/*", "--out", out, capsys=capsys)
+    assert status == 0, err
+    text = (out / "table.md").read_text()
+    grouped = text.split("## Mean over replicates")[1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in grouped.splitlines() if line.startswith("| ") and "setting" not in line}
+    # mean 12, std 2, t(0.975, 2) = 4.303: 12 +- 4.303 * 2 / sqrt(3) = [7.03, 16.97]
+    row = rows["train_examples=50, init=text"]
+    assert row[3] == "3" and row[4] == "12.00 ± 2.00 [7.03, 16.97]"
+    assert rows["train_examples=100, init=random"][4] == "9.00 (n=1)"
+    assert rows["train_examples=50, init=random"][3] == "2"
+    assert (out / "metric_vs_train_examples.png").stat().st_size > 0
