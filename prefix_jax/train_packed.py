@@ -40,6 +40,7 @@ from absl import logging
 from prefix_jax import configs, models, tasks, train
 from prefix_jax.data import pipeline
 from prefix_jax.errors import UserError
+from prefix_jax.models import tiny
 from prefix_jax.tasks import evals
 from prefix_jax.tasks.base import EvalContext, Model, Task
 from prefix_jax.training import (
@@ -72,9 +73,19 @@ def _per_run(path: str) -> bool:
     return any(path == f or (f.endswith(".") and path.startswith(f)) for f in PER_RUN_FIELDS)
 
 
+def random_base(model_cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the model is a random test model, whose whole base is drawn from `seed` (so
+    runs of different seeds have different bases and cannot share one)."""
+    return model_cfg.path in (*tiny.DECODER_NAMES, "tiny-bert")
+
+
+def _must_agree(config: ml_collections.ConfigDict, key: str) -> bool:
+    return not _per_run(key) or (key == "seed" and random_base(config.model))
+
+
 def pack_key(config: ml_collections.ConfigDict) -> str:
     """Equal for configs that can be packed together (the fields that must agree)."""
-    shared = {k: v for k, v in run_identity.flatten(config).items() if not _per_run(k)}
+    shared = {k: v for k, v in run_identity.flatten(config).items() if _must_agree(config, k)}
     return repr(sorted(shared.items()))
 
 
@@ -92,9 +103,12 @@ def packing_problem(configs_: Sequence[ml_collections.ConfigDict]) -> str | None
     for i, config in enumerate(configs_[1:], 1):
         other = run_identity.flatten(config)
         for key in sorted(set(first) | set(other)):
-            if not _per_run(key) and first.get(key) != other.get(key):
+            if _must_agree(configs_[0], key) and first.get(key) != other.get(key):
+                why = (" (the random test model's base is drawn from it)" if key == "seed"
+                       else "")
                 return (f"run {i} has {key}={other.get(key)!r} but run 0 has "
-                        f"{key}={first.get(key)!r}; runs that differ in {key} cannot be packed")
+                        f"{key}={first.get(key)!r}; runs that differ in {key}{why} cannot be "
+                        "packed")
     return None
 
 

@@ -111,6 +111,22 @@ def test_dry_run_packs_compatible_entries(tmp_path, capsys):
     assert not root.exists()
 
 
+def test_sst2_sweep_dry_run_packs_replicates_and_runs_fine_tuning_alone(tmp_path, capsys):
+    """SST-2's P-tuning v2 comparisons: every entry validates; each setting's 3 seeds train as
+    one packed program, except full fine-tuning (it trains the base: nothing to share)."""
+    path = os.path.join(REPO, "experiments", "sst2_minilm_prefix.py")
+    status, out, err = run_tool("sweep", f"--config={path}", "--root", tmp_path, "--dry_run",
+                                capsys=capsys)
+    assert status == 0, err
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    packed = [c for c in commands if c[2] == "prefix_jax.sweep"]
+    alone = [c for c in commands if c[2] == "prefix_jax.main"]
+    # lengths 8/16/32/64, depth top/bottom half, head-only: 7 settings x 3 seeds
+    assert [len(c[-1].split(",")) for c in packed] == [3] * 7
+    assert len(alone) == 3 and all("--config.trainable=^base/" in c for c in alone)
+    assert "# dry run: 24 runs" in out
+
+
 @pytest.mark.parametrize("entry,message", [
     ('{"prefix.lenght": 5}', r"unknown config field 'prefix\.lenght'"),
     ('{"optim.learning_rate": 0.1}', r"unknown config field 'optim\.learning_rate'"),

@@ -101,4 +101,8 @@ def test_incompatible_runs_refused_naming_the_field(tmp_path, field, value, name
 
 def test_fine_tuning_is_not_packed():
     assert train_packed.packing_problem([_config(trainable=r"^base/")])
-    assert train_packed.packing_problem([_config(), _config(seed=3)]) is None
+    assert "seed" in train_packed.packing_problem([_config(), _config(seed=3)])  # random base
+    smollm2 = [_config(), _config(seed=3)]
+    for config in smollm2:
+        config.model.path = "smollm2"
+    assert train_packed.packing_problem(smollm2) is None
