@@ -106,3 +106,19 @@ def test_fine_tuning_is_not_packed():
     for config in smollm2:
         config.model.path = "smollm2"
     assert train_packed.packing_problem(smollm2) is None
+
+
+def test_packed_benchmark_prints_the_ratio_on_the_tiny_model(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "prefix_jax.bench.packed", "--model=tiny",
+                        "--sizes=40", "--subsets=2", "--num_steps=2",
+                        f"--workroot={tmp_path / 'w'}"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = [line for line in r.stdout.splitlines() if line.endswith("x |")][0]
+    assert float(row.split("|")[3].strip().rstrip("x")) > 0
+    difference = float(r.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
+    assert difference <= 1e-5
