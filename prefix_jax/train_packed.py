@@ -319,7 +319,8 @@ def _loop(runs: list[_Run], frozen, mesh, hooks) -> None:
             if shapes not in seen_shapes:
                 seen_shapes.add(shapes)
                 logging.info("compiling the packed step for batch shapes %s", shapes)
-            batch = jax.device_put(stacked)  # one process: the packed group is not sharded
+            # the R axis is not a batch axis: every device of the mesh sees the whole stack
+            batch = jax.device_put(stacked, shd.replicated(mesh))
             states, metrics = step_fn(tuple(r.state for r in runs), frozen, batch,
                                       jnp.asarray(active))
             stop_now = stop.agreed(group_step)

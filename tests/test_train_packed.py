@@ -36,22 +36,24 @@ def _assert_close_trees(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7)
 
 
-def _variants():
-    """Different learning rates, warmups, subsets (size and subsample seed) and schedule lengths."""
-    return [_config(optim__lr=5e-2, data__train_examples=40, data__subsample_seed=0),
+def _variants(dropout=0.0):
+    """Different learning rates, warmups, subsets (size and subsample seed) and schedule lengths
+    (with `dropout`, each run's dropout keys from its own seed and step, as alone)."""
+    return [_config(optim__lr=5e-2, data__train_examples=40, data__subsample_seed=0,
+                    prefix__dropout=dropout),
             _config(optim__lr=1e-2, optim__warmup_steps=2, data__train_examples=40,
-                    data__subsample_seed=1),
+                    data__subsample_seed=1, prefix__dropout=dropout),
             _config(optim__lr=3e-2, data__train_examples=80, data__subsample_seed=2,
-                    train__num_steps=4)]
+                    train__num_steps=4, prefix__dropout=dropout)]
 
 
 def test_packed_equals_one_by_one(tmp_path):
-    variants = _variants()
+    variants = _variants(dropout=0.1)
     alone = [str(tmp_path / f"alone{i}") for i in range(len(variants))]
     packed = [str(tmp_path / f"packed{i}") for i in range(len(variants))]
     for config, workdir in zip(variants, alone):
         train.train_and_evaluate(config, workdir)
-    train_packed.train_packed(_variants(), packed)
+    train_packed.train_packed(_variants(dropout=0.1), packed)
     for a, p in zip(alone, packed):
         la, lp = _losses(a), _losses(p)
         assert la.keys() == lp.keys() and len(la) >= 4
