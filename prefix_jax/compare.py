@@ -403,7 +403,7 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
     for ax, metric in zip(axes[0], names):
         for members in settings(records, methods).values():
             points = []
-            for size, runs in settings(members, [TRAIN_EXAMPLES]).items():
+            for runs in settings(members, [TRAIN_EXAMPLES]).values():
                 values = [v for v in panel_values(runs, metric) if v is not None]
                 x = runs[0].config.get(TRAIN_EXAMPLES)
                 if values and isinstance(x, (int, float)):

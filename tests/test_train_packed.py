@@ -21,8 +21,14 @@ def _config(**overrides):
 
 
 def _losses(workdir):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
     return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def _prefix(workdir):
@@ -60,8 +66,7 @@ def test_packed_equals_one_by_one(tmp_path):
         np.testing.assert_allclose([lp[k] for k in sorted(lp)], [la[k] for k in sorted(la)],
                                    rtol=1e-5)
         _assert_close_trees(_prefix(p), _prefix(a))
-        results_a = json.load(open(os.path.join(a, "results.json")))
-        results_p = json.load(open(os.path.join(p, "results.json")))
+        results_a, results_p = (_read_json(os.path.join(w, "results.json")) for w in (a, p))
         assert results_a["results_identity"] == results_p["results_identity"]
         assert results_a["step"] == results_p["step"]
     # the runs really differ from each other (else equality would prove little)
@@ -120,7 +125,7 @@ def test_packed_benchmark_prints_the_ratio_on_the_tiny_model(tmp_path):
                         f"--workroot={tmp_path / 'w'}"],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    row = [line for line in r.stdout.splitlines() if line.endswith("x |")][0]
+    row = next(line for line in r.stdout.splitlines() if line.endswith("x |"))
     assert float(row.split("|")[3].strip().rstrip("x")) > 0
     difference = float(r.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
     assert difference <= 1e-5
