@@ -22,7 +22,8 @@ Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or 
 With --pack (the default), entries that differ only in per-run fields (seed, optim, schedule
 length, data subset, init: train_packed.PER_RUN_FIELDS) train together, up to --pack_max at a
 time, as one `prefix_jax.sweep --run_packed=I,J,...` program (SWEEP positions) sharing the
-frozen base; each still gets its own ordinary workdir. Entries that train the base's weights run alone.
+frozen base; each still gets its own ordinary workdir. Entries that train the base's weights
+run alone.
 Ctrl-C or SIGTERM is passed on to the running run, which saves a checkpoint and exits; the
 sweep then stops with status 128 + the signal.
 

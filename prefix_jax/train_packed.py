@@ -250,18 +250,20 @@ def _train_group(configs_: Sequence[ml_collections.ConfigDict], workdirs: Sequen
         fingerprints[seed] = checkpoint.base_fingerprint(loaded.params)
         loads[seed] = train.place_base(loaded, mesh, rules)
     runs: list[_Run] = []
-    frozen = None
+    frozen, frozen_prints = None, {}
     for config, workdir in zip(configs_, workdirs):
         task = tasks.get(config)
         identity = run_identity.identity(config)
         during, _ = evals.build(config, task)
         loaded = loads[config.seed]
         tasks.check_model(task, loaded)
+        train.check_max_len(config, loaded)
         setup = train.create_train_state(config, loaded, mesh)
-        run_frozen_print = checkpoint.base_fingerprint(setup.frozen)
         if frozen is None:
-            frozen, frozen_print = setup.frozen, run_frozen_print
-        elif run_frozen_print != frozen_print:
+            frozen = setup.frozen
+        if len(loads) > 1 and config.seed not in frozen_prints:  # one load: one base
+            frozen_prints[config.seed] = checkpoint.base_fingerprint(setup.frozen)
+        if len(set(frozen_prints.values())) > 1:
             raise UserError(f"{workdir}: its frozen base differs from the first run's (the "
                             f"model's loader draws it from seed={config.seed}); runs with "
                             "different bases cannot be packed; run them one by one "

@@ -36,6 +36,10 @@ _SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds per subset.", flag_values=FLAGS
 _NUM_STEPS = flags.DEFINE_integer("num_steps", 10, "Train steps of every run.",
                                   flag_values=FLAGS)
 _PACK_MAX = flags.DEFINE_integer("pack_max", 8, "Runs per packed program.", flag_values=FLAGS)
+_BUCKET = flags.DEFINE_integer("bucket_multiple", 0, "data.bucket_multiple of every run; "
+                               "0: the experiment's. Setting it to data.max_len gives one batch "
+                               "shape (one compile per program), isolating the step time.",
+                               flag_values=FLAGS)
 _WORKROOT = flags.DEFINE_string("workroot", None, "Where the runs' workdirs go (default: a "
                                 "new temporary directory).", flag_values=FLAGS)
 
@@ -55,6 +59,8 @@ def _configs():
         config.train.eval_every = 0
         config.eval.num_examples = 0
         config.eval.eval_untuned = False
+        if _BUCKET.value:
+            config.data.bucket_multiple = _BUCKET.value
         configs_.append(config)
     return configs_
 
@@ -97,7 +103,8 @@ def main() -> None:
     c = configs_[0]
     print(f"\n{len(configs_)} runs (sizes {','.join(_SIZES.value)} x {_SUBSETS.value} subsets x "
           f"{_SEEDS.value} seeds) of {_NUM_STEPS.value} steps, batch {c.train.batch_size}, "
-          f"model {c.model.path}, prefix {c.prefix.mode} P={c.prefix.length}, "
+          f"model {c.model.path}, prefix {c.prefix.mode} P={c.prefix.length}, bucket "
+          f"{c.data.bucket_multiple} of max_len {c.data.max_len}, "
           f"{os.cpu_count()} CPUs; workdirs under {root}")
     print(f"| one by one | packed (<= {_PACK_MAX.value} per program) | ratio |")
     print("|---|---|---|")
