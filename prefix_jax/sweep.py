@@ -53,7 +53,7 @@ from typing import Any
 import ml_collections
 from absl import flags
 
-from prefix_jax import cli, configs, train_packed
+from prefix_jax import cli, configs
 from prefix_jax.errors import UserError
 from prefix_jax.training import run_identity
 from prefix_jax.training import workdir as workdir_io
@@ -262,6 +262,8 @@ def pack_groups(runs: list[Run], configs_: dict[str, ml_collections.ConfigDict],
                 max_size: int) -> list[list[Run]]:
     """The runs in SWEEP order, compatible ones together (train_packed.pack_key), at most
     `max_size` a group; a run that trains the base's weights is a group of its own."""
+    from prefix_jax import train_packed  # (imports jax: only where packing is decided)
+
     groups: list[list[Run]] = []
     open_groups: dict[str, list[Run]] = {}
     for run in runs:
@@ -371,7 +373,8 @@ def run_child(command: list[str], env: dict[str, str]) -> tuple[int, int | None]
 
 def run_packed_group(runs: list[Run], path: str, arg: str | None, indices: list[str]) -> None:
     """`--run_packed`: the given SWEEP entries trained as one packed program (train_packed)."""
-    from prefix_jax.training.preemption import Stopped  # (imports jax)
+    from prefix_jax import train_packed  # (imports jax)
+    from prefix_jax.training.preemption import Stopped
 
     if not _ROOT.value:
         cli.fail("--run_packed needs --root")
