@@ -392,12 +392,25 @@ def plot_against(plt, records, x_of, x_label: str, log_x: bool, path: str,
     plt.close(fig)
 
 
+def _follows_size(records: list[RunRecord], field: str) -> bool:
+    """Whether `field` has one value per data.train_examples value over `records`."""
+    seen: dict[str, str] = {}
+    for r in records:
+        size = json.dumps(r.config.get(TRAIN_EXAMPLES, MISSING))
+        value = json.dumps(r.config.get(field, MISSING), sort_keys=True)
+        if seen.setdefault(size, value) != value:
+            return False
+    return True
+
+
 def plot_vs_train_examples(plt, records, fields, path: str) -> None:
     """One panel per metric: x = data.train_examples, one line per method (the setting's
     other fields), the mean over replicates with its 95% interval as error bars."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    methods = [f for f in fields if f != TRAIN_EXAMPLES]
+    # a field set per size by the protocol (e.g. train.num_steps) is part of the x value, not
+    # a method of its own
+    methods = [f for f in fields if f != TRAIN_EXAMPLES and not _follows_size(records, f)]
     names = panels(records)
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], names):
@@ -421,6 +434,7 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
         ax.set_xticks(sorted({x for r in records
                               if isinstance(x := r.config.get(TRAIN_EXAMPLES), (int, float))}))
         ax.get_xaxis().set_major_formatter(ScalarFormatter())  # 50, not 5 x 10^1
+        ax.get_xaxis().set_minor_formatter(NullFormatter())
         ax.set_xlabel("training examples")
         ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
         ax.grid(alpha=0.3)
