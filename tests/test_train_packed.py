@@ -132,3 +132,38 @@ def test_packed_benchmark_prints_the_ratio_on_the_tiny_model(tmp_path):
     assert float(row.split("|")[3].strip().rstrip("x")) > 0
     difference = float(r.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
     assert difference <= 1e-5
+
+
+# A packed group of two tiny runs in its own process (killed with SIGKILL by the test).
+PACKED_CHILD = """
+import sys
+from prefix_jax import train_packed
+from tests.test_train_packed import _variants
+train_packed.train_packed(_variants()[:2], sys.argv[1:3])
+"""
+
+
+def test_packed_group_resumes_after_kill_9(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    packed = [str(tmp_path / "p0"), str(tmp_path / "p1")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.Popen([sys.executable, "-c", PACKED_CHILD, *packed], cwd=repo, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while checkpoint.manager(packed[1], 2).latest_step() != 3:  # both step-3 saves on disk
+        assert time.time() < deadline and child.poll() is None
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert not os.path.exists(os.path.join(packed[0], "results.json"))
+    train_packed.train_packed(_variants()[:2], packed)  # resumes both from their checkpoints
+    alone = str(tmp_path / "alone")
+    train.train_and_evaluate(_variants()[1], alone)
+    _assert_close_trees(_prefix(packed[1]), _prefix(alone))
+    np.testing.assert_allclose(list(_losses(packed[1]).values()),
+                               list(_losses(alone).values()), rtol=1e-5)
