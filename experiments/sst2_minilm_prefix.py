@@ -9,6 +9,13 @@ Launch:
 Smoke run on a tiny random BERT (tests, CI):
   python -m prefix_jax.main --config=experiments/sst2_minilm_prefix.py:runlocal --workdir=/tmp/s
 
+The SWEEP (P-tuning v2's comparisons, Liu et al. 2022), 3 seeds each: prefix length 8/16/32/64,
+depth (the prefix on the top or the bottom half of the layers only), and the baselines head-only
+(no prefix, the linear probe of experiments/sst2_minilm_head.py) and full fine-tuning (as
+experiments/sst2_minilm_finetune.py). Replicates of one setting train packed (one program):
+  python -m prefix_jax.sweep --config=experiments/sst2_minilm_prefix.py --root=runs/sweeps
+  python -m prefix_jax.compare --workdir='runs/sweeps/sst2_minilm_prefix/*' --out=docs/sst2_sweep
+
 Expected: >= 85% dev accuracy (872 sentences) within 20 minutes on a 2-core CPU; the measured
 numbers and the baselines (experiments/sst2_minilm_head.py, sst2_minilm_finetune.py) are in
 docs/sst2.md.
@@ -16,7 +23,17 @@ docs/sst2.md.
 
 import ml_collections
 
+from experiments import sweeps
 from prefix_jax import configs
+
+# The baselines as overrides of this config (their own experiment files hold the same values).
+HEAD_ONLY = {"prefix.length": 0, "trainable": r"^base/classifier/"}
+FINETUNE = {"prefix.length": 0, "trainable": r"^base/", "optim.lr": 5e-5,
+            "optim.weight_decay": 0.01}
+SWEEP = sweeps.seeds(
+    sweeps.lengths((8, 16, 32, 64))
+    + sweeps.over("depth", "prefix.layers", ("top:50%", "bottom:50%"))
+    + [{"name": "head_only", **HEAD_ONLY}, {"name": "finetune", **FINETUNE}])
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

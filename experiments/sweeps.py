@@ -51,3 +51,10 @@ def depths(values: Sequence[str] = ("top:50%", "bottom:50%", "top:25%", "bottom:
 def inits(values: Sequence[str] = ("random", "vocab", "text")) -> list[dict[str, Any]]:
     """Prefix init (Li & Liang: real-word init helps in low-data settings)."""
     return over("init", "prefix.init", values)
+
+
+def seeds(entries: Iterable[dict[str, Any]], count: int = 3) -> list[dict[str, Any]]:
+    """Each entry once per init/order seed 0..count-1 (replicates that compare.py groups and
+    the sweep packs into one program)."""
+    return [{**entry, "seed": seed} for entry in entries for seed in range(count)]
+

@@ -13,6 +13,12 @@ Writes into OUT:
                                   one line per value of the other differing fields (only when
                                   prefix.length differs)
   metric_vs_trainable_params.png  the same against trainable parameters (log scale)
+  metric_vs_train_examples.png    best dev metrics against data.train_examples: mean and 95%
+                                  interval (error bars) over the replicates, one line per
+                                  method (only when data.train_examples differs)
+Runs that differ only in a replicate field (`seed`, `data.subsample_seed`) are replicates of
+one setting: table.md then adds a grouped table, one row per setting, with n and, per metric,
+mean, std (n-1) and a 95% interval (Student's t: mean +- t(0.975, n-1) std / sqrt(n)).
 A workdir that is missing, has no config.json, or holds an unreadable file is an error (exit 2);
 a torn last line of metrics.jsonl (a run killed mid-write) is skipped with a warning.
 
@@ -241,9 +247,82 @@ def table(records: list[RunRecord], ignore: str = "") -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
+# ---- Replicates: runs that differ only in seed / subsample are one setting, n times ---------
+
+REPLICATE_FIELDS = ("seed", "data.subsample_seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    n: int
+    mean: float
+    std: float | None  # sample std (n-1); None for one run
+    low: float | None  # the 95% interval (Student's t); None for one run
+    high: float | None
+
+
+def summarize(values: list[float]) -> Summary:
+    """n, mean, sample std and the 95% t interval of the mean of `values` (n >= 1)."""
+    from scipy import stats
+
+    n = len(values)
+    mean = math.fsum(values) / n
+    if n < 2:
+        return Summary(n, mean, None, None, None)
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    half = float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
+    return Summary(n, mean, std, mean - half, mean + half)
+
+
+def setting_fields(records: list[RunRecord], ignore: str = "") -> list[str]:
+    """The differing fields that make a setting (all but the replicate fields)."""
+    return [f for f in differing_fields(records, ignore) if f not in REPLICATE_FIELDS]
+
+
+def settings(records: list[RunRecord], fields: list[str]) -> dict[str, list[RunRecord]]:
+    """Runs grouped by their values of `fields` (replicates of one setting together), in the
+    order each setting first appears."""
+    groups: dict[str, list[RunRecord]] = {}
+    for r in records:
+        key = json.dumps([r.config.get(f, MISSING) for f in fields], default=str)
+        groups.setdefault(key, []).append(r)
+    return groups
+
+
+def _summary_cell(s: Summary | None) -> str:
+    if s is None:
+        return MISSING
+    if s.std is None:
+        return f"{s.mean:.2f} (n=1)"
+    return f"{s.mean:.2f} ± {s.std:.2f} [{s.low:.2f}, {s.high:.2f}]"
+
+
+def grouped_table(records: list[RunRecord], ignore: str = "") -> str | None:
+    """One row per setting: n, then mean ± std [95% interval] of each metric over its
+    replicates; None when no two runs are replicates of one setting."""
+    if not any(f in REPLICATE_FIELDS for f in differing_fields(records, ignore)):
+        return None
+    fields = setting_fields(records, ignore)
+    names = panels(records)
+    header = ["setting", *fields, "n", *(m if m == FINAL_LOSS else f"best {m}" for m in names)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for members in settings(records, fields).values():
+        cells = [describe(members[0], fields) if fields else "all",
+                 *(_cell(members[0].config.get(f, MISSING)) for f in fields), str(len(members))]
+        for metric in names:
+            values = [v for v in panel_values(members, metric) if v is not None]
+            cells.append(_summary_cell(summarize(values) if values else None))
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Replicates: runs that differ only in {' / '.join(REPLICATE_FIELDS)} form one "
+            "setting; each cell is mean ± sample std [95% interval of the mean, Student's t] "
+            "over the setting's runs that have the metric (n counts its runs).")
+    return "\n".join(lines) + "\n\n" + note + "\n"
+
+
 # ---- Figures and the tool ------------------------------------------------------------------
 
 LENGTH = "prefix.length"
+TRAIN_EXAMPLES = "data.train_examples"
 FINAL_LOSS = "final train/loss"
 
 
@@ -313,6 +392,59 @@ def plot_against(plt, records, x_of, x_label: str, log_x: bool, path: str,
     plt.close(fig)
 
 
+def _follows_size(records: list[RunRecord], field: str) -> bool:
+    """Whether `field` has one value per data.train_examples value over `records`."""
+    seen: dict[str, str] = {}
+    for r in records:
+        size = json.dumps(r.config.get(TRAIN_EXAMPLES, MISSING))
+        value = json.dumps(r.config.get(field, MISSING), sort_keys=True)
+        if seen.setdefault(size, value) != value:
+            return False
+    return True
+
+
+def plot_vs_train_examples(plt, records, fields, path: str) -> None:
+    """One panel per metric: x = data.train_examples, one line per method (the setting's
+    other fields), the mean over replicates with its 95% interval as error bars."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    # a field set per size by the protocol (e.g. train.num_steps) is part of the x value, not
+    # a method of its own
+    methods = [f for f in fields if f != TRAIN_EXAMPLES and not _follows_size(records, f)]
+    names = panels(records)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], names):
+        for members in settings(records, methods).values():
+            points = []
+            for runs in settings(members, [TRAIN_EXAMPLES]).values():
+                values = [v for v in panel_values(runs, metric) if v is not None]
+                x = runs[0].config.get(TRAIN_EXAMPLES)
+                if values and isinstance(x, (int, float)):
+                    points.append((x, summarize(values)))
+            if not points:
+                continue
+            points.sort(key=lambda p: p[0])
+            xs = [x for x, _ in points]
+            ys = [s.mean for _, s in points]
+            errors = [[s.mean - s.low if s.low is not None else 0 for _, s in points],
+                      [s.high - s.mean if s.high is not None else 0 for _, s in points]]
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3,
+                        label=describe(members[0], methods) if methods else None)
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({x for r in records
+                              if isinstance(x := r.config.get(TRAIN_EXAMPLES), (int, float))}))
+        ax.get_xaxis().set_major_formatter(ScalarFormatter())  # 50, not 5 x 10^1
+        ax.get_xaxis().set_minor_formatter(NullFormatter())
+        ax.set_xlabel("training examples")
+        ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
+        ax.grid(alpha=0.3)
+        if methods and ax.has_data():
+            ax.legend(fontsize=6)
+    fig.suptitle("mean and 95% interval over seeds and subsets", fontsize=9)
+    save(fig, path)
+    plt.close(fig)
+
+
 def plot_params(plt, records, fields, path: str) -> None:
     """One panel per metric: each run a point at its trainable parameter count (log scale),
     labelled by its differing fields (unlabelled past 12 runs: they would overlap)."""
@@ -367,7 +499,9 @@ def main() -> None:
     fields = differing_fields(records, _IGNORE.value)
     os.makedirs(out, exist_ok=True)
     table_path = os.path.join(out, "table.md")
-    workdir_io.write_text(out, "table.md", table(records, _IGNORE.value))
+    grouped = grouped_table(records, _IGNORE.value)
+    workdir_io.write_text(out, "table.md", table(records, _IGNORE.value)
+                          + (f"\n## Mean over replicates\n\n{grouped}" if grouped else ""))
     print(f"wrote {table_path}")
 
     import matplotlib
@@ -380,6 +514,9 @@ def main() -> None:
         others = [f for f in fields if f != LENGTH]
         plot_against(plt, records, lambda r: r.config.get(LENGTH), "prefix length",
                      False, os.path.join(out, "metric_vs_prefix_length.png"), others)
+    if TRAIN_EXAMPLES in fields:
+        plot_vs_train_examples(plt, records, setting_fields(records, _IGNORE.value),
+                               os.path.join(out, "metric_vs_train_examples.png"))
     if any(r.params for r in records):
         plot_params(plt, records, fields, os.path.join(out, "metric_vs_trainable_params.png"))
 

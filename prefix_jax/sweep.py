@@ -19,6 +19,11 @@ is refused by the run itself if its checkpoints are of another experiment).
 python -m prefix_jax.compare --workdir='ROOT/EXPERIMENT/*' --out=DIR.
 Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or SWEEP entry,
 130 / 143 when stopped by SIGINT / SIGTERM.
+With --pack (the default), entries that differ only in per-run fields (seed, optim, schedule
+length, data subset, init: train_packed.PER_RUN_FIELDS) train together, up to --pack_max at a
+time, as one `prefix_jax.sweep --run_packed=I,J,...` program (SWEEP positions) sharing the
+frozen base; each still gets its own ordinary workdir. Entries that train the base's weights
+run alone.
 Ctrl-C or SIGTERM is passed on to the running run, which saves a checkpoint and exits; the
 sweep then stops with status 128 + the signal.
 
@@ -61,6 +66,14 @@ _ROOT = flags.DEFINE_string("root", None, "Runs go to ROOT/EXPERIMENT/SLUG.", fl
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.", flag_values=FLAGS)
 _FILTER = flags.DEFINE_string("filter", None, "Only entries whose group name or workdir slug "
                               "this regex matches.", flag_values=FLAGS)
+_PACK = flags.DEFINE_bool("pack", True, "Train compatible entries (same shapes and base; see "
+                          "prefix_jax.train_packed) together in one program, each in its own "
+                          "workdir; --pack=false runs every entry alone.", flag_values=FLAGS)
+_PACK_MAX = flags.DEFINE_integer("pack_max", 8, "At most this many runs in one packed program "
+                                 "(memory grows with it).", flag_values=FLAGS)
+_RUN_PACKED = flags.DEFINE_list("run_packed", None, "Internal to a local sweep (printed by "
+                                "--dry_run): train these entries (their positions in SWEEP) as "
+                                "one packed program, in this process.", flag_values=FLAGS)
 _STOP_ON_ERROR = flags.DEFINE_bool("stop_on_error", False, "Stop at the first failed run "
                                    "(default: run the rest).", flag_values=FLAGS)
 # A TPU pod: print one scripts/launch_tpu_pod.sh command per run instead of running.
@@ -245,6 +258,28 @@ def finished(workdir: str, run: Run) -> tuple[bool, str]:
     return True, "results.json exists"
 
 
+def pack_groups(runs: list[Run], configs_: dict[str, ml_collections.ConfigDict],
+                max_size: int) -> list[list[Run]]:
+    """The runs in SWEEP order, compatible ones together (train_packed.pack_key), at most
+    `max_size` a group; a run that trains the base's weights is a group of its own."""
+    from prefix_jax import train_packed  # (imports jax: only where packing is decided)
+
+    groups: list[list[Run]] = []
+    open_groups: dict[str, list[Run]] = {}
+    for run in runs:
+        config = configs_[run.slug]
+        if train_packed.trains_base(config):
+            groups.append([run])
+            continue
+        key = train_packed.pack_key(config)
+        group = open_groups.get(key)
+        if group is None or len(group) >= max_size:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(run)
+    return groups
+
+
 def experiment_name(path: str, arg: str | None) -> str:
     """`e2e_smollm2`, or `e2e_smollm2-runlocal` with an arg: runs of different args (a smoke
     sweep and the real one) never share, and so never skip, each other's workdirs."""
@@ -272,6 +307,11 @@ def main() -> None:
         cli.fail(f"--filter={_FILTER.value!r} is not a regular expression: {e}")
 
     runs = expand(path, arg)  # every entry validated before anything runs
+    if _PACK_MAX.value < 1:
+        cli.fail(f"--pack_max={_PACK_MAX.value}: give at least 1")
+    if _RUN_PACKED.value is not None:
+        run_packed_group(runs, path, arg, _RUN_PACKED.value)
+        return
     if pattern is not None:
         runs = [r for r in runs if pattern.search(r.group) or pattern.search(r.slug)]
         if not runs:
@@ -331,6 +371,29 @@ def run_child(command: list[str], env: dict[str, str]) -> tuple[int, int | None]
     return status, (received[0] if received else None)
 
 
+def run_packed_group(runs: list[Run], path: str, arg: str | None, indices: list[str]) -> None:
+    """`--run_packed`: the given SWEEP entries trained as one packed program (train_packed)."""
+    from prefix_jax import train_packed  # (imports jax)
+    from prefix_jax.training.preemption import Stopped
+
+    if not _ROOT.value:
+        cli.fail("--run_packed needs --root")
+    by_index = {str(r.index): r for r in runs}
+    unknown = [i for i in indices if i not in by_index]
+    if unknown:
+        cli.fail(f"--run_packed names entry {unknown[0]!r}, which is no SWEEP entry's position "
+                 f"(0..{max(r.index for r in runs)}, duplicates excluded)")
+    module = load_experiment(path)
+    root = os.path.join(_ROOT.value, experiment_name(path, arg))
+    group = [by_index[i] for i in indices]
+    try:
+        train_packed.train_packed([build_config(module, arg, r.overrides) for r in group],
+                                  [os.path.join(root, r.slug) for r in group])
+    except Stopped as e:
+        print(f"stopped by {signal.Signals(e.signum).name}; rerun to resume", file=sys.stderr)
+        sys.exit(128 + e.signum)
+
+
 def run_locally(runs: list[Run], root: str) -> None:
     # Each run imports this checkout's code, wherever the sweep was started from.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -338,36 +401,58 @@ def run_locally(runs: list[Run], root: str) -> None:
     done = skipped = 0
     failed: list[str] = []
     signum, stopped = None, None
-    for n, run in enumerate(runs, 1):
-        workdir = os.path.join(root, run.slug)
-        command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
-                   f"--workdir={workdir}", *run.flags()]
-        done_before, why = finished(workdir, run)
-        if _DRY_RUN.value:
-            print(("# done, would skip: " if done_before else "") + shlex.join(command))
-            skipped += done_before
-            continue
-        label = f"[{n}/{len(runs)}] {run.slug}"
+    todo = []
+    for run in runs:
+        done_before, why = finished(os.path.join(root, run.slug), run)
         if done_before:
-            print(f"{label}: skipped ({why})", flush=True)
+            if not _DRY_RUN.value:
+                print(f"{run.slug}: skipped ({why})", flush=True)
+            else:
+                print("# done, would skip: " + run.slug)
             skipped += 1
+        else:
+            todo.append((run, why))
+    if _PACK.value and todo:
+        path, arg = cli.split_config(_CONFIG.value)
+        module = load_experiment(path)
+        built = {run.slug: build_config(module, arg, run.overrides) for run, _ in todo}
+        groups = pack_groups([run for run, _ in todo], built, _PACK_MAX.value)
+    else:
+        groups = [[run] for run, _ in todo]
+    why_of = {run.slug: why for run, why in todo}
+    for n, group in enumerate(groups, 1):
+        if len(group) == 1:
+            workdir = os.path.join(root, group[0].slug)
+            command = [sys.executable, "-m", "prefix_jax.main", f"--config={_CONFIG.value}",
+                       f"--workdir={workdir}", *group[0].flags()]
+        else:
+            command = [sys.executable, "-m", "prefix_jax.sweep", f"--config={_CONFIG.value}",
+                       f"--root={_ROOT.value}",
+                       f"--run_packed={','.join(str(r.index) for r in group)}"]
+        if _DRY_RUN.value:
+            print(shlex.join(command))
             continue
-        if os.path.exists(os.path.join(workdir, "results.json")):
-            print(f"{label}: not done: {why}; running it", flush=True)
+        names = group[0].slug if len(group) == 1 else f"{len(group)} runs packed"
+        label = f"[{n}/{len(groups)}] {names}"
+        for run in group:
+            if os.path.exists(os.path.join(root, run.slug, "results.json")):
+                print(f"{label}: {run.slug} not done: {why_of[run.slug]}; running it",
+                      flush=True)
         print(f"{label}: {shlex.join(command)}", flush=True)
         started = time.perf_counter()
         status, signum = run_child(command, env)
+        slugs = [r.slug for r in group]
         if signum is not None:
-            stopped = run.slug
+            stopped = " ".join(slugs)
             print(f"{label}: stopped by {signal.Signals(signum).name} (exit status {status}); "
                   "rerun the same command to resume the sweep from that run's checkpoint",
                   flush=True)
             break
         if status == 0:
-            done += 1
+            done += len(group)
             print(f"{label}: done in {time.perf_counter() - started:.0f} s", flush=True)
         else:
-            failed.append(run.slug)
+            failed += slugs
             print(f"{label}: FAILED (exit status {status})", flush=True)
             if _STOP_ON_ERROR.value:
                 break
@@ -375,10 +460,10 @@ def run_locally(runs: list[Run], root: str) -> None:
         print(f"# dry run: {len(runs)} runs, {skipped} already done (would be skipped), "
               f"under {root}")
         return
-    left = len(runs) - done - skipped - len(failed) - (stopped is not None)
+    left = len(runs) - done - skipped - len(failed) - (len(stopped.split()) if stopped else 0)
     why = "--stop_on_error" if signum is None else signal.Signals(signum).name
     print(f"sweep {os.path.basename(root)}: {done} done, {skipped} skipped, {len(failed)} "
-          f"failed" + (f", 1 stopped ({stopped})" if stopped else "")
+          f"failed" + (f", {len(stopped.split())} stopped ({stopped})" if stopped else "")
           + (f", {left} not started ({why})" if left else "")
           + f" of {len(runs)} under {root}" + (f"; failed: {' '.join(failed)}" if failed else ""))
     if signum is not None:

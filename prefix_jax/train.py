@@ -248,11 +248,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         "(data x fsdp); use a multiple of it")
     loaded = hooks.load_model(config.model, seed=config.seed)
     tasks.check_model(task, loaded)
-    first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
-    if first_position + config.data.max_len > loaded.config.max_seq_len:
-        raise UserError(f"data.max_len={config.data.max_len} (starting at position "
-                        f"{first_position}) exceeds the model's maximum sequence length "
-                        f"{loaded.config.max_seq_len}; lower data.max_len")
+    check_max_len(config, loaded)
     train_data = task.train_examples(loaded.tokenizer)
 
     # ---- The workdir lock: one live run per workdir, held until this function returns.
@@ -262,6 +258,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                              task, during, at_end, mesh, loaded, train_data)
     finally:
         held.release()
+
+
+def check_max_len(config: ml_collections.ConfigDict, loaded: models.LoadedModel) -> None:
+    """A UserError when the prefix and `data.max_len` do not fit the model's positions."""
+    first_position = positions.offset(config.prefix, loaded.config)  # P under after_prefix
+    if first_position + config.data.max_len > loaded.config.max_seq_len:
+        raise UserError(f"data.max_len={config.data.max_len} (starting at position "
+                        f"{first_position}) exceeds the model's maximum sequence length "
+                        f"{loaded.config.max_seq_len}; lower data.max_len")
 
 
 def _lock_workdir(workdir: str) -> lock.Lock:

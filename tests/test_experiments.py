@@ -24,6 +24,8 @@ from prefix_jax import sweep, train
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Overrides that change which rows train and in what order, not the compiled program.
 DATA_ONLY = {"data.train_examples", "data.subsample_seed", "seed"}
+# Fields this test sets itself to keep each trained entry short (an entry may set them too).
+SHORTENED = {"train.num_steps", "eval.num_examples", "eval.eval_untuned", "data.bucket_multiple"}
 
 
 def experiment_files() -> list[str]:
@@ -112,4 +114,6 @@ def test_sweep_entry_builds_and_trains(path, index, trains, tmp_path, compile_ca
     with open(tmp_path / "config.json") as f:
         written = json.load(f)  # what the run says it ran with
     for key, value in overrides.items():
+        if key in SHORTENED:  # this test's own value, not the entry's
+            continue
         assert as_written(field(written, key)) == as_written(value), key

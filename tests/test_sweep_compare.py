@@ -4,6 +4,7 @@ data.subsample_seed."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -64,7 +65,7 @@ def experiment(tmp_path, sweep: str, name: str = "exp") -> str:
 def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys):
     root = tmp_path / "root"
     status, out, _ = run_tool("sweep", f"--config={E2E}", "--root", root, "--dry_run",
-                              capsys=capsys)
+                              "--pack=false", capsys=capsys)
     assert status == 0
     commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
     # 5 prefix lengths + 4 depths + 3 inits + 50/100/200/500 x 5 subsets x 2 seeds
@@ -84,11 +85,46 @@ def test_dry_run_prints_one_command_per_entry_and_runs_nothing(tmp_path, capsys)
     assert not root.exists()
 
     status, out, _ = run_tool("sweep", f"--config={E2E}:runlocal", "--root", root,
-                                "--dry_run", "--filter", "^length$", capsys=capsys)
+                              "--dry_run", "--filter", "^length$", capsys=capsys)
     commands = [line for line in out.splitlines() if not line.startswith("#")]
     assert status == 0 and len(commands) == 5
     assert all(f"--config={E2E}:runlocal --workdir={root}/e2e_smollm2-runlocal/prefix.length="
                in c for c in commands)
+
+
+def test_dry_run_packs_compatible_entries(tmp_path, capsys):
+    """With packing (the default) the low-data entries (they differ in seed and subset only)
+    train as packed programs of at most --pack_max runs; the prefix lengths (different shapes)
+    and depths still run alone; every entry appears exactly once."""
+    root = tmp_path / "root"
+    status, out, _ = run_tool("sweep", f"--config={E2E}", "--root", root, "--dry_run",
+                              "--pack_max=8", capsys=capsys)
+    assert status == 0
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    alone = [c for c in commands if c[2] == "prefix_jax.main"]
+    packed = [c for c in commands if c[2] == "prefix_jax.sweep"]
+    entries = [int(i) for c in packed for i in c[-1].removeprefix("--run_packed=").split(",")]
+    assert all(2 <= len(c[-1].split(",")) <= 8 for c in packed)
+    assert len(entries) + len(alone) == len(set(entries)) + len(alone) == 5 + 4 + 3 + 40
+    assert "prefix.length=1" in {c[4].rsplit("/", 1)[1] for c in alone}
+    assert 51 in entries  # data.train_examples=500,data.subsample_seed=4,seed=1
+    assert not root.exists()
+
+
+def test_sst2_sweep_dry_run_packs_replicates_and_runs_fine_tuning_alone(tmp_path, capsys):
+    """SST-2's P-tuning v2 comparisons: every entry validates; each setting's 3 seeds train as
+    one packed program, except full fine-tuning (it trains the base: nothing to share)."""
+    path = os.path.join(REPO, "experiments", "sst2_minilm_prefix.py")
+    status, out, err = run_tool("sweep", f"--config={path}", "--root", tmp_path, "--dry_run",
+                                capsys=capsys)
+    assert status == 0, err
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    packed = [c for c in commands if c[2] == "prefix_jax.sweep"]
+    alone = [c for c in commands if c[2] == "prefix_jax.main"]
+    # lengths 8/16/32/64, depth top/bottom half, head-only: 7 settings x 3 seeds
+    assert [len(c[-1].split(",")) for c in packed] == [3] * 7
+    assert len(alone) == 3 and all("--config.trainable=^base/" in c for c in alone)
+    assert "# dry run: 24 runs" in out
 
 
 @pytest.mark.parametrize("entry,message", [
@@ -348,3 +384,37 @@ def test_run_record_best_final_throughput_and_checkpoint(tmp_path):
     assert "| run | new | prefix.length | trainable params |" in table
     assert "| run | — | 5 | — | — | 30.00 | 1.50 | 20.00 | 1.50 | 2.000 | 200 | 700 B |" in table
     assert "Unfinished (no results.json): other." in table
+
+
+def _replicate_run(root, name, size, init, seed, subsample, bleu):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps(
+        {"seed": seed, "data": {"train_examples": size, "subsample_seed": subsample},
+         "prefix": {"init": init}}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "train/loss": 1.0}) + "\n")
+    (run / "results.json").write_text(json.dumps({"eval/bleu": bleu, "step": 10}))
+
+
+def test_compare_groups_replicates_with_mean_std_and_interval(tmp_path, capsys):
+    """Runs that differ only in seed / subsample_seed are one setting: n, mean, std, 95% t
+    interval per metric; the low-data figure (error bars) is drawn."""
+    root = tmp_path / "runs"
+    values = {("text", 50): [10.0, 12.0, 14.0], ("random", 50): [5.0, 7.0],
+              ("text", 100): [20.0, 20.0, 23.0], ("random", 100): [9.0]}
+    for (init, size), bleus in values.items():
+        for i, bleu in enumerate(bleus):
+            _replicate_run(root, f"{init}-{size}-{i}", size, init, i % 2, i, bleu)
+    out = tmp_path / "cmp"
+    status, _, err = run_tool("compare", f"--workdir={root}/*", "--out", out, capsys=capsys)
+    assert status == 0, err
+    text = (out / "table.md").read_text()
+    grouped = text.split("## Mean over replicates")[1]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in grouped.splitlines() if line.startswith("| ") and "setting" not in line}
+    # mean 12, std 2, t(0.975, 2) = 4.303: 12 +- 4.303 * 2 / sqrt(3) = [7.03, 16.97]
+    row = rows["train_examples=50, init=text"]
+    assert row[3] == "3" and row[4] == "12.00 ± 2.00 [7.03, 16.97]"
+    assert rows["train_examples=100, init=random"][4] == "9.00 (n=1)"
+    assert rows["train_examples=50, init=random"][3] == "2"
+    assert (out / "metric_vs_train_examples.png").stat().st_size > 0

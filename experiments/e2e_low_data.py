@@ -1,0 +1,66 @@
+r"""The low-data experiment of issue 16 (Li & Liang, section 7.3) on SmolLM2 and E2E, as one SWEEP.
+
+Training sets of 50/100/200/500 E2E pairs (`data.train_examples`, random subsets chosen by
+`data.subsample_seed`), scored on the same fixed dev subset (the first 300 dev MRs in file order,
+greedy, every run). Methods:
+  prefix      prefix tuning, P=10, real-word init ("table-to-text:"), 5 subsets x 2 seeds
+  prefix_rnd  the same with random init, 5 subsets x 2 seeds
+  prompt      prompt tuning (embeddings at the input only, P=10, real-word init), 2 subsets x 1 seed
+  finetune    full fine-tuning, 2 subsets x 1 seed
+Prompt tuning and fine-tuning get 2 subsets x 1 seed each: fine-tuning trains every weight of the
+base, so it cannot share one (it is never packed) and costs several prefix runs per run.
+Training length, fixed before any result was seen (batch 8, linear warmup 10 steps then linear
+decay to 0): STEPS below, i.e. 16 / 12 / 8 / 4.8 epochs for 50 / 100 / 200 / 500 examples.
+The two prefix methods differ only in per-run fields, so the sweep packs them (8 runs a
+program by default); see docs/low_data.md for the commands and the protocol.
+
+  python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps
+  python -m prefix_jax.compare --workdir='runs/sweeps/e2e_low_data/*' --out=docs/low_data
+Smoke (tiny random model, runlocal sizes):
+  python -m prefix_jax.sweep --config=experiments/e2e_low_data.py:runlocal --root=/tmp/sweeps \
+      --filter='^prefix$'
+"""
+
+import ml_collections
+
+from experiments import e2e_smollm2, sweeps
+from prefix_jax import configs
+
+SIZES = (50, 100, 200, 500)
+STEPS = {50: 100, 100: 150, 200: 200, 500: 300}  # train.num_steps per training-set size
+DEV_MRS = 300  # the fixed dev subset: the first 300 MRs of devset.csv, for every run
+
+METHODS = {
+    "prefix": {"prefix.init": "text"},
+    "prefix_rnd": {"prefix.init": "random"},
+    "prompt": {"prefix.mode": "input", "prefix.positions": "after_prefix", "optim.lr": 1e-2},
+    "finetune": {"prefix.length": 0, "prefix.init": "random", "trainable": r"^base/",
+                 "optim.lr": 1e-4},
+}
+REPLICATES = {"prefix": (5, 2), "prefix_rnd": (5, 2), "prompt": (2, 1), "finetune": (2, 1)}
+
+
+def _entries() -> list[dict]:
+    entries = []
+    for method, overrides in METHODS.items():
+        subsets, seeds = REPLICATES[method]
+        for entry in sweeps.low_data(SIZES, subsets, seeds):
+            entry = {**entry, "name": method, **overrides,
+                     "train.num_steps": STEPS[entry["data.train_examples"]]}
+            entries.append(entry)
+    return entries
+
+
+SWEEP = _entries()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = e2e_smollm2.get_config(arg).unlock()
+    config.eval.num_examples = DEV_MRS
+    config.eval.eval_untuned = False  # the same untuned score for every run: computed once
+    config.train.eval_every = 0
+    config.train.log_every = 10
+    config.train.checkpoint_every = 100
+    if configs.parse_arg(arg, runlocal=False, prefix_len=10).runlocal:
+        config.eval.num_examples = 4
+    return config.lock()
