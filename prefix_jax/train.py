@@ -148,7 +148,17 @@ class DivergedError(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_main: bool
+def _crash_report(workdir: str, is_main: bool, report: dict) -> str:
+    """`workdir/crash_report.json` (written by process 0) with the hint to resume; its path."""
+    if is_main:
+        workdir_io.write_json(workdir, "crash_report.json", {
+            **report, "hint": "lower optim.lr or raise optim.warmup_steps, then rerun: the run "
+                              "resumes from the last good checkpoint"})
+    return os.path.join(workdir, "crash_report.json")
+
+
+def check_losses_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt,
+                        is_main: bool
                   ) -> list[float]:
     """The pending losses as floats; at the first non-finite one, a crash report and an error."""
     losses = []
@@ -156,13 +166,9 @@ def _check_finite(pending: list[tuple[int, jax.Array]], workdir: str, ckpt, is_m
         value = float(loss)
         if not np.isfinite(value):
             last_good = ckpt.latest_step()
-            report = {"step": step, "loss": str(value), "last_good_checkpoint": last_good,
-                      "recent_losses": losses[-20:],
-                      "hint": "lower optim.lr or raise optim.warmup_steps, then rerun: the run "
-                              "resumes from the last good checkpoint"}
-            path = os.path.join(workdir, "crash_report.json")
-            if is_main:
-                workdir_io.write_json(workdir, "crash_report.json", report)
+            path = _crash_report(workdir, is_main, {
+                "step": step, "loss": str(value), "last_good_checkpoint": last_good,
+                "recent_losses": losses[-20:]})
             raise DivergedError(f"train loss is {value} at step {step}; last good checkpoint: "
                                 f"step {last_good}; report in {path}; lower optim.lr and rerun")
         losses.append(value)
@@ -177,25 +183,21 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def _check_state_finite(state: TrainState, workdir: str, ckpt, is_main: bool, why: str
+def check_state_finite(state: TrainState, workdir: str, ckpt, is_main: bool, why: str
                         ) -> None:
     """A DivergedError (and a crash report) when the trainable state or its optimizer state
     holds a NaN or Inf: such a state is never saved (`why`: "save", "evaluate")."""
     if bool(_all_finite((state.trainable, state.opt_state))):
         return
     step, last_good = int(state.step), ckpt.latest_step()
-    report = {"step": step, "state": "non-finite", "last_good_checkpoint": last_good,
-              "hint": "lower optim.lr or raise optim.warmup_steps, then rerun: the run "
-                      "resumes from the last good checkpoint"}
-    path = os.path.join(workdir, "crash_report.json")
-    if is_main:
-        workdir_io.write_json(workdir, "crash_report.json", report)
+    path = _crash_report(workdir, is_main, {"step": step, "state": "non-finite",
+                                            "last_good_checkpoint": last_good})
     raise DivergedError(f"the trainable state holds NaN or Inf after step {step} (refusing to "
                         f"{why} it); last good checkpoint: step {last_good}; report in {path}; "
                         "lower optim.lr and rerun")
 
 
-def _save_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_iter,
+def write_checkpoint(save: Callable, ckpt, step: int, state: TrainState, data_iter,
                      meta: dict) -> None:
     try:
         save(ckpt, step, state, data_iter, meta)
@@ -353,7 +355,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
 
     def run_evals(evaluators: dict, step: int, with_prefix: bool = True) -> dict[str, float]:
         if with_prefix:  # never a score of a NaN prefix
-            _check_state_finite(state, workdir, ckpt, is_main, "evaluate")
+            check_state_finite(state, workdir, ckpt, is_main, "evaluate")
         ctx = EvalContext(workdir if is_main else None, is_main, step, say, with_prefix)
         params = partition.merge(state.trainable, frozen)
         scores = {}
@@ -398,7 +400,7 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
             save_now = (step % config.train.checkpoint_every == 0 or step == num_steps
                         or stop_now)
             if log_now or save_now:
-                checked_losses += _check_finite(pending, workdir, ckpt, is_main)
+                checked_losses += check_losses_finite(pending, workdir, ckpt, is_main)
                 pending.clear()
             if log_now:
                 elapsed = time.perf_counter() - time_since
@@ -411,8 +413,8 @@ def _train_locked(config: ml_collections.ConfigDict, workdir: str, hooks: Hooks,
                                 tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
                 checked_losses, tokens_since, time_since = [], 0, time.perf_counter()
             if save_now:
-                _check_state_finite(state, workdir, ckpt, is_main, "save")
-                _save_checkpoint(hooks.save_checkpoint, ckpt, step, state, data_iter, meta)
+                check_state_finite(state, workdir, ckpt, is_main, "save")
+                write_checkpoint(hooks.save_checkpoint, ckpt, step, state, data_iter, meta)
                 if hooks.after_checkpoint:
                     ckpt.wait_until_finished()
                     hooks.after_checkpoint(step)

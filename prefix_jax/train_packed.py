@@ -347,7 +347,7 @@ def _after_step(run: _Run, step: int, grad_norm, stop_now: bool, hooks) -> None:
     log_now = step % config.train.log_every == 0 or step == run.num_steps
     save_now = step % config.train.checkpoint_every == 0 or step == run.num_steps or stop_now
     if log_now or save_now:
-        run.checked += train._check_finite(run.pending, run.workdir, run.ckpt, True)
+        run.checked += train.check_losses_finite(run.pending, run.workdir, run.ckpt, True)
         run.pending.clear()
     if log_now:
         elapsed = time.perf_counter() - run.clock
@@ -360,7 +360,7 @@ def _after_step(run: _Run, step: int, grad_norm, stop_now: bool, hooks) -> None:
         _save(run, hooks)
     if config.train.eval_every and step % config.train.eval_every == 0 and step != run.num_steps \
             and run.during:
-        train._check_state_finite(run.state, run.workdir, run.ckpt, True, "evaluate")
+        train.check_state_finite(run.state, run.workdir, run.ckpt, True, "evaluate")
         ctx = EvalContext(run.workdir, True, step, print, True)
         params = partition.merge(run.state.trainable, run.frozen)
         scores = {}
@@ -372,8 +372,8 @@ def _after_step(run: _Run, step: int, grad_norm, stop_now: bool, hooks) -> None:
 
 def _save(run: _Run, hooks) -> None:
     step = int(run.state.step)
-    train._check_state_finite(run.state, run.workdir, run.ckpt, True, "save")
-    train._save_checkpoint(hooks.save_checkpoint, run.ckpt, step, run.state, run.data_iter,
+    train.check_state_finite(run.state, run.workdir, run.ckpt, True, "save")
+    train.write_checkpoint(hooks.save_checkpoint, run.ckpt, step, run.state, run.data_iter,
                            run.meta)
     run.saved_step = step
     if hooks.after_checkpoint:

@@ -54,16 +54,20 @@ def data_dir_with(tmp, train_text=None, drop=()):
 
 def tiny_hf_dir_with_wrong_tokenizer(tmp):
     """An HF Llama dir whose tokenizer has more tokens than the model's vocabulary."""
+    return _save_tiny_hf_llama(tmp / "hf_model", vocab_size=100)
+
+
+def _save_tiny_hf_llama(d, vocab_size: int):
+    """A 1-layer random HF Llama with the byte tokenizer, saved to `d`."""
     import torch
     import transformers
 
     from prefix_jax import models
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
+    cfg = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
                                    num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=1, max_position_embeddings=512)
-    d = tmp / "hf_model"
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     models.byte_tokenizer().save_pretrained(d)
     return d
@@ -73,19 +77,9 @@ def tiny_hf_llama_dir(tmp, edit_config=None, edit_tensors=None):
     """A tiny HF Llama dir (byte tokenizer) with its config.json and/or its tensors changed."""
     import json
 
-    import torch
-    import transformers
     from safetensors.numpy import load_file, save_file
 
-    from prefix_jax import models
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=1, num_attention_heads=2,
-                                   num_key_value_heads=1, max_position_embeddings=512)
-    d = tmp / "hf_llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    models.byte_tokenizer().save_pretrained(d)
+    d = _save_tiny_hf_llama(tmp / "hf_llama", vocab_size=320)
     if edit_config:
         config = json.loads((d / "config.json").read_text())
         edit_config(config)
