@@ -11,10 +11,12 @@ Prompt tuning and fine-tuning get 2 subsets x 1 seed each: fine-tuning trains ev
 base, so it cannot share one (it is never packed) and costs several prefix runs per run.
 Training length, fixed before any result was seen (batch 8, linear warmup 10 steps then linear
 decay to 0): STEPS below, i.e. 16 / 12 / 8 / 4.8 epochs for 50 / 100 / 200 / 500 examples.
-The two prefix methods differ only in per-run fields, so the sweep packs them (8 runs a
-program by default); see docs/low_data.md for the commands and the protocol.
+The two prefix methods differ only in per-run fields, so the sweep packs them: with
+--pack_max=4, one program per size and replicate block (see _entries for the order, which a
+larger --pack_max would merge across blocks); see docs/low_data.md for the commands and the
+protocol.
 
-  python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps
+  python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps --pack_max=4
   python -m prefix_jax.compare --workdir='runs/sweeps/e2e_low_data/*' --out=docs/low_data
 Smoke (tiny random model, runlocal sizes):
   python -m prefix_jax.sweep --config=experiments/e2e_low_data.py:runlocal --root=/tmp/sweeps \
@@ -23,7 +25,7 @@ Smoke (tiny random model, runlocal sizes):
 
 import ml_collections
 
-from experiments import e2e_smollm2, sweeps
+from experiments import e2e_smollm2
 from prefix_jax import configs
 
 SIZES = (50, 100, 200, 500)
@@ -38,16 +40,37 @@ METHODS = {
                  "optim.lr": 1e-4},
 }
 REPLICATES = {"prefix": (5, 2), "prefix_rnd": (5, 2), "prompt": (2, 1), "finetune": (2, 1)}
+REPLICATE_BLOCK = 2  # (subset, seed) pairs per block of the sweep order (see _entries)
 
 
 def _entries() -> list[dict]:
-    entries = []
-    for method, overrides in METHODS.items():
+    """Every (method, size, subset, seed) entry once, ordered so that a partly run sweep is
+    balanced: replicate pairs (subset, seed) come in blocks of REPLICATE_BLOCK, subsets before
+    seeds; each block gives every (prefix method, size) cell REPLICATE_BLOCK more runs, and one
+    prompt-tuning and one fine-tuning subset follow each of the first blocks. Within a block
+    the two prefix methods of one size are adjacent and of one length, so the sweep packs them
+    as one program of 2 x REPLICATE_BLOCK runs."""
+    def entry(method: str, size: int, subset: int, seed: int) -> dict:
+        return {"name": method, **METHODS[method], "data.train_examples": size,
+                "data.subsample_seed": subset, "seed": seed, "train.num_steps": STEPS[size]}
+
+    def pairs(method: str) -> list[tuple[int, int]]:
         subsets, seeds = REPLICATES[method]
-        for entry in sweeps.low_data(SIZES, subsets, seeds):
-            entry = {**entry, "name": method, **overrides,
-                     "train.num_steps": STEPS[entry["data.train_examples"]]}
-            entries.append(entry)
+        return [(subset, seed) for seed in range(seeds) for subset in range(subsets)]
+
+    prefix_pairs = pairs("prefix")
+    blocks = [prefix_pairs[i:i + REPLICATE_BLOCK]
+              for i in range(0, len(prefix_pairs), REPLICATE_BLOCK)]
+    baseline_pairs = {method: pairs(method) for method in ("finetune", "prompt")}
+    entries = []
+    for i, block in enumerate(blocks):
+        for size in SIZES:
+            entries += [entry(method, size, subset, seed) for method in ("prefix", "prefix_rnd")
+                        for subset, seed in block]
+        for method, method_pairs in baseline_pairs.items():
+            if i < len(method_pairs):
+                subset, seed = method_pairs[i]
+                entries += [entry(method, size, subset, seed) for size in SIZES]
     return entries
 
 

@@ -22,8 +22,10 @@ Exit status: 0 when every run is done, 1 when a run failed, 2 for a bad flag or 
 With --pack (the default), entries that differ only in per-run fields (seed, optim, schedule
 length, data subset, init: train_packed.PER_RUN_FIELDS) train together, up to --pack_max at a
 time, as one `prefix_jax.sweep --run_packed=I,J,...` program (SWEEP positions) sharing the
-frozen base; each still gets its own ordinary workdir. Entries that train the base's weights
-run alone.
+frozen base; each still gets its own ordinary workdir. The sweep packs only entries of the
+same `train.num_steps` (train_packed itself accepts mixed lengths, but a run that is done
+still rides through every remaining vmapped step, so mixing lengths wastes its compute).
+Entries that train the base's weights run alone.
 Ctrl-C or SIGTERM is passed on to the running run, which saves a checkpoint and exits; the
 sweep then stops with status 128 + the signal.
 
@@ -260,8 +262,9 @@ def finished(workdir: str, run: Run) -> tuple[bool, str]:
 
 def pack_groups(runs: list[Run], configs_: dict[str, ml_collections.ConfigDict],
                 max_size: int) -> list[list[Run]]:
-    """The runs in SWEEP order, compatible ones together (train_packed.pack_key), at most
-    `max_size` a group; a run that trains the base's weights is a group of its own."""
+    """The runs in SWEEP order, compatible ones of the same length together (train_packed.pack_key
+    and `train.num_steps`), at most `max_size` a group; a run that trains the base's weights is
+    a group of its own."""
     from prefix_jax import train_packed  # (imports jax: only where packing is decided)
 
     groups: list[list[Run]] = []
@@ -271,7 +274,8 @@ def pack_groups(runs: list[Run], configs_: dict[str, ml_collections.ConfigDict],
         if train_packed.trains_base(config):
             groups.append([run])
             continue
-        key = train_packed.pack_key(config)
+        # Same length too: a finished run in a vmapped step still costs a run's compute.
+        key = f"{train_packed.pack_key(config)} num_steps={config.train.num_steps}"
         group = open_groups.get(key)
         if group is None or len(group) >= max_size:
             group = open_groups[key] = []

@@ -3,10 +3,13 @@ r"""Time the E2E test-set decoding of whichever checkout is on PYTHONPATH (befor
   PYTHONPATH=/path/to/old JAX_PLATFORMS=cpu python scripts/decode_before_after.py 20 5 10
   PYTHONPATH=$PWD         JAX_PLATFORMS=cpu python scripts/decode_before_after.py 20 5 10
 
-Arguments: MRS NUM_BEAMS BATCH. Decodes the first MRS E2E test MRs with `decoding.generate`
-(SmolLM2, the untrained "table-to-text:" prefix of 10 slots, EOS stops, max 64 new tokens) and
-prints one JSON line: the wall time, XLA's temporary memory of one compiled batch, the texts
-(compare the two checkouts' texts for equality). Uses only APIs both sides have.
+Arguments: MRS NUM_BEAMS BATCH [PREFIX_NPZ]. Decodes the first MRS E2E test MRs with
+`decoding.generate` (SmolLM2, EOS stops, max 64 new tokens) and prints one JSON line: the wall
+time, XLA's temporary memory of one compiled batch, the texts (compare the two checkouts' texts
+for equality). The prefix is the untrained "table-to-text:" prefix of 10 slots, or a trained
+one saved as arrays `k` and `v` in PREFIX_NPZ, so that both checkouts decode the same trained
+prefix (write it from a run with `python -m prefix_jax.bench.decode`'s loader:
+`serving.bank.load([WORKDIR]).row(0)`). Uses only APIs both sides have.
 """
 
 import json
@@ -14,19 +17,25 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 
 from prefix_jax import configs, models, prefix
+from prefix_jax.models.core import KV
 from prefix_jax.serving import decoding
 from prefix_jax.tasks import e2e
 
 
-def main(n_mrs: int, beams: int, batch: int) -> None:
+def main(n_mrs: int, beams: int, batch: int, prefix_npz: str | None = None) -> None:
     base = models.load(configs.model_config("smollm2"))
-    kv = prefix.text_activations(base, "table-to-text:", 10)
+    if prefix_npz:
+        arrays = np.load(prefix_npz)
+        kv = KV(jnp.asarray(arrays["k"]), jnp.asarray(arrays["v"]))
+    else:
+        kv = prefix.text_activations(base, "table-to-text:", 10)
     sources, _ = e2e.group_references(e2e.read_pairs(configs.default_data_dir("e2e"), "test"))
     prompts = [e2e.format_source(s) for s in sources[:n_mrs]]
     settings = decoding.settings_for(base.tokenizer, 64, num_beams=beams, length_penalty=1.0,
-                                     prefix=prefix.DecodeOptions(position_offset=10))
+                                     prefix=prefix.DecodeOptions(position_offset=kv.k.shape[2]))
     ids = base.tokenizer(prompts[:batch], add_special_tokens=False).input_ids
     tokens, valid = decoding.left_pad(ids, settings.pad_id)
     compiled = decoding.decode.lower(base.module, base.params, kv, jnp.asarray(tokens),
@@ -41,4 +50,4 @@ def main(n_mrs: int, beams: int, batch: int) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:4]))
+    main(*(int(a) for a in sys.argv[1:4]), *sys.argv[4:5])

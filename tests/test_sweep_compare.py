@@ -127,6 +127,31 @@ def test_sst2_sweep_dry_run_packs_replicates_and_runs_fine_tuning_alone(tmp_path
     assert "# dry run: 24 runs" in out
 
 
+def test_low_data_sweep_packs_one_length_per_program_in_balanced_order(tmp_path, capsys):
+    """The low-data experiment (96 entries) validates; with --pack_max=4 (its documented
+    command) every packed program holds runs of one length, both prefix methods, and the
+    first four programs are the first replicate block over all four sizes, so a partly run
+    sweep gives every (method, size) cell the same count; fine-tuning runs alone."""
+    path = os.path.join(REPO, "experiments", "e2e_low_data.py")
+    status, out, err = run_tool("sweep", f"--config={path}", "--root", tmp_path, "--dry_run",
+                                "--pack_max=4", capsys=capsys)
+    assert status == 0, err
+    from experiments import e2e_low_data
+
+    sweep = e2e_low_data.SWEEP
+    commands = [shlex.split(line) for line in out.splitlines() if not line.startswith("#")]
+    groups = [[sweep[int(i)] for i in c[-1].removeprefix("--run_packed=").split(",")]
+              for c in commands if c[2] == "prefix_jax.sweep"]
+    assert "# dry run: 96 runs" in out
+    assert all(len({e["train.num_steps"] for e in g}) == 1 for g in groups)
+    first = groups[:4]
+    assert [g[0]["data.train_examples"] for g in first] == [50, 100, 200, 500]
+    assert all(len(g) == 4 and {e["name"] for e in g} == {"prefix", "prefix_rnd"}
+               for g in first)
+    alone = [c for c in commands if c[2] == "prefix_jax.main"]
+    assert len(alone) == 8 and all("--config.trainable=^base/" in c for c in alone)
+
+
 @pytest.mark.parametrize("entry,message", [
     ('{"prefix.lenght": 5}', r"unknown config field 'prefix\.lenght'"),
     ('{"optim.learning_rate": 0.1}', r"unknown config field 'optim\.learning_rate'"),
