@@ -117,19 +117,25 @@ def main() -> None:
         jax.profiler.stop_trace()
         bodies = op_bodies(hlo)
         durations = trace_durations(trace_dir, set(bodies))
-    per_step = {name: us / 1e6 / _STEPS.value for name, us in durations.items()}
+    print_profile(bodies, durations, _STEPS.value, wall, "step", _TOP.value)
+
+
+def print_profile(bodies: dict[str, str], durations: dict[str, float], calls: int, wall: float,
+                  unit: str, top: int) -> None:
+    """The per-class table and the slowest ops, per `unit` (one of `calls` traced calls)."""
+    per_call = {name: us / 1e6 / calls for name, us in durations.items()}
     by_class: dict[str, float] = collections.defaultdict(float)
-    for name, seconds in per_step.items():
+    for name, seconds in per_call.items():
         by_class[classify(bodies[name])] += seconds
-    op_total = sum(per_step.values())
-    print(f"step {wall:.3f} s wall; ops traced {op_total:.3f} s per step "
+    op_total = sum(per_call.values())
+    print(f"{unit} {wall:.3f} s wall; ops traced {op_total:.3f} s per {unit} "
           f"(threads may overlap ops; the difference to wall is dispatch and waiting)")
-    print("\n| class | s per step | share of op time |\n|---|---|---|")
+    print(f"\n| class | s per {unit} | share of op time |\n|---|---|---|")
     for name, seconds in sorted(by_class.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {seconds:.3f} | {seconds / op_total:.0%} |")
-    print(f"\n| the {_TOP.value} slowest ops | class | s per step | what it computes |\n"
+    print(f"\n| the {top} slowest ops | class | s per {unit} | what it computes |\n"
           "|---|---|---|---|")
-    for name, seconds in sorted(per_step.items(), key=lambda kv: -kv[1])[:_TOP.value]:
+    for name, seconds in sorted(per_call.items(), key=lambda kv: -kv[1])[:top]:
         first = bodies[name].splitlines()[0].strip()
         shape = re.search(r"= (\S+)", first)
         print(f"| {name} | {classify(bodies[name])} | {seconds:.3f} | "
