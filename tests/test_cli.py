@@ -12,6 +12,7 @@ from tests.helpers import REPO, run_tool
 
 TOOLS = ["main", "generate", "evaluate", "export", "eject", "sweep", "compare",
          "layer_influence", "bench.train", "bench.decode", "bench.memory", "bench.step_profile",
+         "bench.decode_profile",
          "bench.plan"]
 
 

@@ -82,17 +82,20 @@ def classify(text: str) -> str:
     return "elementwise"
 
 
-def trace_durations(trace_dir: str, names: set[str]) -> dict[str, float]:
-    """Total microseconds per op name, over the trace's complete events of known ops."""
+def trace_durations(trace_dir: str, names: set[str]) -> dict[str, tuple[float, int]]:
+    """(total microseconds, number of runs) per op name, over the trace's complete events of
+    known ops (an op inside a loop runs once per iteration)."""
     path = glob.glob(f"{trace_dir}/**/perfetto_trace.json.gz", recursive=True)[0]
     with gzip.open(path) as f:
         data = json.load(f)
     events = data["traceEvents"] if isinstance(data, dict) else data
     total: dict[str, float] = collections.defaultdict(float)
+    runs: dict[str, int] = collections.defaultdict(int)
     for e in events:
         if e.get("ph") == "X" and e["name"] in names and not _CONTROL.match(e["name"]):
             total[e["name"]] += e.get("dur", 0.0)
-    return total
+            runs[e["name"]] += 1
+    return {name: (total[name], runs[name]) for name in total}
 
 
 def main() -> None:
@@ -120,10 +123,10 @@ def main() -> None:
     print_profile(bodies, durations, _STEPS.value, wall, "step", _TOP.value)
 
 
-def print_profile(bodies: dict[str, str], durations: dict[str, float], calls: int, wall: float,
-                  unit: str, top: int) -> None:
+def print_profile(bodies: dict[str, str], durations: dict[str, tuple[float, int]], calls: int,
+                  wall: float, unit: str, top: int) -> None:
     """The per-class table and the slowest ops, per `unit` (one of `calls` traced calls)."""
-    per_call = {name: us / 1e6 / calls for name, us in durations.items()}
+    per_call = {name: us / 1e6 / calls for name, (us, _) in durations.items()}
     by_class: dict[str, float] = collections.defaultdict(float)
     for name, seconds in per_call.items():
         by_class[classify(bodies[name])] += seconds
@@ -133,13 +136,13 @@ def print_profile(bodies: dict[str, str], durations: dict[str, float], calls: in
     print(f"\n| class | s per {unit} | share of op time |\n|---|---|---|")
     for name, seconds in sorted(by_class.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {seconds:.3f} | {seconds / op_total:.0%} |")
-    print(f"\n| the {top} slowest ops | class | s per {unit} | what it computes |\n"
-          "|---|---|---|---|")
+    print(f"\n| the {top} slowest ops | class | s per {unit} | runs per {unit} | what it computes |"
+          "\n|---|---|---|---|---|")
     for name, seconds in sorted(per_call.items(), key=lambda kv: -kv[1])[:top]:
         first = bodies[name].splitlines()[0].strip()
         shape = re.search(r"= (\S+)", first)
         print(f"| {name} | {classify(bodies[name])} | {seconds:.3f} | "
-              f"{shape.group(1)[:60] if shape else ''} |")
+              f"{durations[name][1] / calls:g} | {shape.group(1)[:60] if shape else ''} |")
 
 
 def run(argv: list[str] | None = None) -> None:
