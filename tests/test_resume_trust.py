@@ -110,6 +110,29 @@ def test_resumable_fields_do_not_change_the_identity():
         short_config(train__log_every=3, mesh__data=1))
 
 
+def test_a_field_added_at_its_neutral_value_keeps_old_runs_resumable_and_done(copy,
+                                                                              monkeypatch):
+    """A checkpoint written before a config field existed: refused while the field is not
+    registered; resumed once ADDED_FIELDS names the value that reproduces the old code; still
+    refused at any other value. The results digest of older runs matches likewise."""
+    field = "optim.final_lr_fraction"
+    for step in ("2", "4"):  # as if written by code without the field
+        path = copy / "checkpoints" / step / "meta" / "metadata"
+        meta = json.loads(path.read_text())
+        del meta["identity"][field]
+        path.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=r"optim\.final_lr_fraction: '\(absent\)' -> 0\.0"):
+        train.train_and_evaluate(short_config(), str(copy))
+    monkeypatch.setitem(run_identity.ADDED_FIELDS, field, 0.0)
+    with pytest.raises(UserError, match=r"optim\.final_lr_fraction: '\(absent\)' -> 0\.5"):
+        train.train_and_evaluate(short_config(optim__final_lr_fraction=0.5), str(copy))
+    train.train_and_evaluate(short_config(), str(copy))  # resumes the finished run
+    old = {k: v for k, v in run_identity.flatten(short_config()).items() if k != field}
+    assert run_identity.results_identity(short_config()) == run_identity.results_identity(old)
+    assert run_identity.results_identity(short_config(optim__final_lr_fraction=0.5)) != \
+        run_identity.results_identity(old)
+
+
 def test_legacy_checkpoint_is_checked_against_config_json(copy, capsys):
     """Checkpoints written before identities: config.json stands in, else a warning."""
     for step in ("2", "4"):

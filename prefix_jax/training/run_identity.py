@@ -46,6 +46,13 @@ LAYOUT_FIELDS = (
 # measured about it changes).
 RESUMABLE = (*LAYOUT_FIELDS, "train.num_steps", "eval", "evals")
 
+# Config fields added after runs may already exist, each with the value that computes exactly
+# what the code did before the field existed. At that value a field is left out of `identity`
+# and `results_identity`, so adding a field does not turn every existing checkpoint into
+# "another experiment" (a refused resume) or every finished sweep run into "not done" (a rerun);
+# any other value is part of both, as every field is. Register a field here when you add it.
+ADDED_FIELDS: dict[str, Any] = {}
+
 _ABSENT = "(absent)"
 LIBRARIES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain")
 
@@ -72,9 +79,15 @@ def _covered(path: str, names: Iterable[str]) -> bool:
     return any(path == n or path.startswith(n + ".") for n in names)
 
 
+def _defining(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The flattened config without ADDED_FIELDS at the value older runs imply."""
+    return {k: v for k, v in flatten(config).items()
+            if not (k in ADDED_FIELDS and v == ADDED_FIELDS[k])}
+
+
 def identity(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
     """The fields of `config` that define the experiment (every field not in RESUMABLE)."""
-    return {k: v for k, v in flatten(config).items() if not _covered(k, RESUMABLE)}
+    return {k: v for k, v in _defining(config).items() if not _covered(k, RESUMABLE)}
 
 
 def digest(fields: Mapping[str, Any]) -> str:
@@ -85,7 +98,7 @@ def digest(fields: Mapping[str, Any]) -> str:
 
 def results_identity(config: ml_collections.ConfigDict | Mapping[str, Any]) -> str:
     """The digest of everything the final results depend on (all but LAYOUT_FIELDS)."""
-    return digest({k: v for k, v in flatten(config).items()
+    return digest({k: v for k, v in _defining(config).items()
                    if not _covered(k, LAYOUT_FIELDS)})
 
 
