@@ -289,6 +289,13 @@ def settings(records: list[RunRecord], fields: list[str]) -> dict[str, list[RunR
     return groups
 
 
+def _value_order(value) -> tuple:
+    """Numbers before text, numbers by value (so 50 sorts before 100)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return (1, str(value))
+    return (0, value)
+
+
 def _summary_cell(s: Summary | None) -> str:
     if s is None:
         return MISSING
@@ -298,15 +305,18 @@ def _summary_cell(s: Summary | None) -> str:
 
 
 def grouped_table(records: list[RunRecord], ignore: str = "") -> str | None:
-    """One row per setting: n, then mean ± std [95% interval] of each metric over its
-    replicates; None when no two runs are replicates of one setting."""
+    """One row per setting (ordered by its field values, numbers by value): n, then mean ± std
+    [95% interval] of each metric over its replicates; None when no two runs are replicates of
+    one setting."""
     if not any(f in REPLICATE_FIELDS for f in differing_fields(records, ignore)):
         return None
     fields = setting_fields(records, ignore)
     names = panels(records)
     header = ["setting", *fields, "n", *(m if m == FINAL_LOSS else f"best {m}" for m in names)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for members in settings(records, fields).values():
+    groups = sorted(settings(records, fields).values(),
+                    key=lambda m: [_value_order(m[0].config.get(f, MISSING)) for f in fields])
+    for members in groups:
         cells = [describe(members[0], fields) if fields else "all",
                  *(_cell(members[0].config.get(f, MISSING)) for f in fields), str(len(members))]
         for metric in names:

@@ -438,6 +438,8 @@ def test_compare_groups_replicates_with_mean_std_and_interval(tmp_path, capsys):
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in grouped.splitlines() if line.startswith("| ") and "setting" not in line}
     # mean 12, std 2, t(0.975, 2) = 4.303: 12 +- 4.303 * 2 / sqrt(3) = [7.03, 16.97]
+    assert list(rows) == ["train_examples=50, init=random", "train_examples=50, init=text",
+                          "train_examples=100, init=random", "train_examples=100, init=text"]
     row = rows["train_examples=50, init=text"]
     assert row[3] == "3" and row[4] == "12.00 ± 2.00 [7.03, 16.97]"
     assert rows["train_examples=100, init=random"][4] == "9.00 (n=1)"
