@@ -44,12 +44,12 @@ REPLICATE_BLOCK = 2  # (subset, seed) pairs per block of the sweep order (see _e
 
 
 def _entries() -> list[dict]:
-    """Every (method, size, subset, seed) entry once, ordered so that a partly run sweep is
-    balanced: replicate pairs (subset, seed) come in blocks of REPLICATE_BLOCK, subsets before
-    seeds; each block gives every (prefix method, size) cell REPLICATE_BLOCK more runs, and one
-    prompt-tuning and one fine-tuning subset follow each of the first blocks. Within a block
-    the two prefix methods of one size are adjacent and of one length, so the sweep packs them
-    as one program of 2 x REPLICATE_BLOCK runs."""
+    """Every (method, size, subset, seed) entry once, ordered so that a sweep stopped at the
+    end of a block is balanced: replicate pairs (subset, seed) come in blocks of
+    REPLICATE_BLOCK, subsets before seeds; each block gives every (prefix method, size) cell
+    REPLICATE_BLOCK more runs, and one fine-tuning and one prompt-tuning subset follow each of
+    the first blocks. Within a block the two prefix methods of one size are adjacent and of one
+    length, so the sweep packs them as one program of 2 x REPLICATE_BLOCK runs."""
     def entry(method: str, size: int, subset: int, seed: int) -> dict:
         return {"name": method, **METHODS[method], "data.train_examples": size,
                 "data.subsample_seed": subset, "seed": seed, "train.num_steps": STEPS[size]}

@@ -7,9 +7,9 @@ Arguments: MRS NUM_BEAMS BATCH [PREFIX_NPZ]. Decodes the first MRS E2E test MRs 
 `decoding.generate` (SmolLM2, EOS stops, max 64 new tokens) and prints one JSON line: the wall
 time, XLA's temporary memory of one compiled batch, the texts (compare the two checkouts' texts
 for equality). The prefix is the untrained "table-to-text:" prefix of 10 slots, or a trained
-one saved as arrays `k` and `v` in PREFIX_NPZ, so that both checkouts decode the same trained
-prefix (write it from a run with `python -m prefix_jax.bench.decode`'s loader:
-`serving.bank.load([WORKDIR]).row(0)`). Uses only APIs both sides have.
+one saved as arrays `k` and `v` in PREFIX_NPZ (`np.savez(PATH, k=kv.k, v=kv.v)` of
+`serving.bank.load([WORKDIR]).row(0)`), so that both checkouts decode the same trained prefix;
+real tokens start at position P (the default for decoders). Uses only APIs both sides have.
 """
 
 import json

@@ -130,8 +130,8 @@ def test_sst2_sweep_dry_run_packs_replicates_and_runs_fine_tuning_alone(tmp_path
 def test_low_data_sweep_packs_one_length_per_program_in_balanced_order(tmp_path, capsys):
     """The low-data experiment (96 entries) validates; with --pack_max=4 (its documented
     command) every packed program holds runs of one length, both prefix methods, and the
-    first four programs are the first replicate block over all four sizes, so a partly run
-    sweep gives every (method, size) cell the same count; fine-tuning runs alone."""
+    first four programs are the first replicate block over all four sizes, so a sweep stopped
+    after a block gives every (method, size) cell the same count; fine-tuning runs alone."""
     path = os.path.join(REPO, "experiments", "e2e_low_data.py")
     status, out, err = run_tool("sweep", f"--config={path}", "--root", tmp_path, "--dry_run",
                                 "--pack_max=4", capsys=capsys)

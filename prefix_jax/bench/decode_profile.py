@@ -4,8 +4,10 @@ r"""Where the time of one decoding batch goes, op by op (XLA's own per-op profil
 
 Decodes one batch of E2E test prompts (the first `--batch_size` MRs, EOS stops, at most
 `--max_new_tokens` new tokens) with SmolLM2 and the prefix of `--workdir` (a trained run; without
-it the untrained 10-slot "table-to-text:" prefix), exactly as `evaluate --split=test` decodes:
-compiled once, then `--calls` calls traced with `jax.profiler`. Each op is classified as in
+it the untrained 10-slot "table-to-text:" prefix), with the run's decode options and
+`evaluate --split=test`'s defaults (beam 5, batches of 10, length penalty 1; one batch of the
+first MRs rather than length-sorted batches): compiled once, then `--calls` calls traced with
+`jax.profiler`. Each op is classified as in
 prefix_jax.bench.step_profile (matmul, softmax/reduce, gather/scatter/slice, layout,
 elementwise); the ops inside the decoding loop run once per generated token, so their totals
 are the per-token costs summed over the batch's steps.
@@ -46,14 +48,16 @@ def main() -> None:
 
     base = models.load(configs.model_config("smollm2"))
     if _WORKDIR.value:
-        kv = bank.load([_WORKDIR.value]).row(0)
+        run = bank.load([_WORKDIR.value])
+        kv, options = run.row(0), run.options
     else:
         kv = prefix.text_activations(base, "table-to-text:", 10)
+        options = prefix.DecodeOptions(position_offset=kv.k.shape[2])
     sources, _ = e2e.group_references(e2e.read_pairs(configs.default_data_dir("e2e"), "test"))
     prompts = [e2e.format_source(s) for s in sources[:_BATCH_SIZE.value]]
     settings = decoding.settings_for(base.tokenizer, _MAX_NEW_TOKENS.value,
                                      num_beams=_NUM_BEAMS.value, length_penalty=1.0,
-                                     prefix=prefix.DecodeOptions(position_offset=kv.k.shape[2]))
+                                     prefix=options)
     ids = base.tokenizer(prompts, add_special_tokens=False).input_ids
     tokens, valid = decoding.left_pad(ids, settings.pad_id)
     args = (base.module, base.params, kv, jnp.asarray(tokens), jnp.asarray(valid), settings)
