@@ -422,9 +422,13 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
     # a method of its own
     methods = [f for f in fields if f != TRAIN_EXAMPLES and not _follows_size(records, f)]
     names = panels(records)
+    lines = list(settings(records, methods).values())
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.8), squeeze=False)
     for ax, metric in zip(axes[0], names):
-        for members in settings(records, methods).values():
+        for i, members in enumerate(lines):
+            # Methods share the sizes, so their error bars would overlap: each line is drawn
+            # a few percent to the side of the size (log x), the ticks stay at the sizes.
+            dodge = 1 + 0.03 * (i - (len(lines) - 1) / 2)
             points = []
             for runs in settings(members, [TRAIN_EXAMPLES]).values():
                 values = [v for v in panel_values(runs, metric) if v is not None]
@@ -434,11 +438,11 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
             if not points:
                 continue
             points.sort(key=lambda p: p[0])
-            xs = [x for x, _ in points]
+            xs = [x * dodge for x, _ in points]
             ys = [s.mean for _, s in points]
             errors = [[s.mean - s.low if s.low is not None else 0 for _, s in points],
                       [s.high - s.mean if s.high is not None else 0 for _, s in points]]
-            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3,
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, color=f"C{i}",
                         label=describe(members[0], methods) if methods else None)
         ax.set_xscale("log")
         ax.set_xticks(sorted({x for r in records
@@ -448,9 +452,18 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
         ax.set_xlabel("training examples")
         ax.set_ylabel(metric if metric == FINAL_LOSS else f"best {metric}")
         ax.grid(alpha=0.3)
-        if methods and ax.has_data():
-            ax.legend(fontsize=6)
-    fig.suptitle("mean and 95% interval over seeds and subsets", fontsize=9)
+    if methods:
+        # One legend for every panel, below them: method labels are long (every field in
+        # which the methods differ) and would cover the points inside a panel.
+        # (saved with bbox_inches="tight", so the image grows to hold it).
+        legend = {}
+        for ax in axes[0]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        fig.legend(list(legend.values()), list(legend), loc="upper center", fontsize=7,
+                   frameon=False, ncol=1 if len(legend) <= 4 else 2, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle("mean and 95% interval over seeds and subsets (each method drawn slightly "
+                 "to the side of its size)", fontsize=9)
     save(fig, path)
     plt.close(fig)
 
