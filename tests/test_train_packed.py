@@ -130,6 +130,8 @@ def test_packed_benchmark_prints_the_ratio_on_the_tiny_model(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     row = next(line for line in r.stdout.splitlines() if line.endswith("x |"))
     assert float(row.split("|")[3].strip().rstrip("x")) > 0
+    padding = next(line for line in r.stdout.splitlines() if line.startswith("packed programs"))
+    assert float(padding.split()[3].rstrip("x")) >= 1.0  # padding never removes positions
     difference = float(r.stdout.strip().splitlines()[-1].rsplit(" ", 1)[1])
     assert difference <= 1e-5
 

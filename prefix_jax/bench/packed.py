@@ -10,8 +10,10 @@ first each run with `train.train_and_evaluate` (the model loaded and the step co
 as a sweep does it; the Python and JAX start-up of a sweep's separate processes is not counted,
 which favours one-by-one), then the same runs with `train_packed` in groups of --pack_max.
 Evaluation is off (eval.num_examples=0, no untuned baseline): the measured work is loading,
-compiling and training. Prints both wall times side by side and their ratio, and the largest
-relative difference between the two sides' final train losses (they compute the same runs).
+compiling and training. Prints both wall times side by side and their ratio, how many more token
+positions the packed programs compute (each step pads the group's batches to the widest), and
+the largest relative difference between the two sides' final train losses (they compute the
+same runs).
 """
 
 from __future__ import annotations
@@ -65,6 +67,30 @@ def _configs():
     return configs_
 
 
+def _padded_positions(configs_) -> float:
+    """Token positions the packed programs compute over those of the runs alone: each packed
+    step pads the group's batches to the widest (`train_packed.stack_batches`). Counted on the
+    runs' own data streams, the pipeline alone (no training)."""
+    from prefix_jax import models, tasks, train_packed
+    from prefix_jax.data import pipeline
+
+    tokenizer = models.load(configs_[0].model, configs_[0].seed).tokenizer
+    streams = []
+    for c in configs_:
+        task = tasks.get(c)
+        streams.append(pipeline.train_iterator(
+            task.train_examples(tokenizer), c.train.batch_size, c.seed, c.data.bucket_multiple,
+            models.pad_id(tokenizer), c.train.num_steps, 0, 1, task.collate, task.widths))
+    alone = packed = 0
+    for first in range(0, len(streams), _PACK_MAX.value):
+        group = streams[first:first + _PACK_MAX.value]
+        for _ in range(_NUM_STEPS.value):
+            batches = [next(it) for it in group]
+            alone += sum(b["segment_ids"].size for b in batches)
+            packed += train_packed.stack_batches(batches)["segment_ids"].size
+    return packed / alone
+
+
 def _final_loss(workdir: str) -> float:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -84,6 +110,7 @@ def main() -> None:
     problem = train_packed.packing_problem(configs_)
     if problem:
         cli.fail(f"the runs cannot be packed: {problem}")
+    padding = _padded_positions(configs_)  # before the clocks start
     alone = [os.path.join(root, "alone", str(i)) for i in range(len(configs_))]
     packed = [os.path.join(root, "packed", str(i)) for i in range(len(configs_))]
 
@@ -106,6 +133,8 @@ def main() -> None:
           f"model {c.model.path}, prefix {c.prefix.mode} P={c.prefix.length}, bucket "
           f"{c.data.bucket_multiple} of max_len {c.data.max_len}, "
           f"{os.cpu_count()} CPUs; workdirs under {root}")
+    print(f"packed programs compute {padding:.3f}x the token positions of the runs alone "
+          "(each step's batches padded to the group's widest)")
     print(f"| one by one | packed (<= {_PACK_MAX.value} per program) | ratio |")
     print("|---|---|---|")
     print(f"| {one_by_one:.1f} s | {together:.1f} s | {one_by_one / together:.2f}x |")
