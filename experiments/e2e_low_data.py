@@ -13,8 +13,10 @@ Training length, fixed before any result was seen (batch 8, linear warmup 10 ste
 decay to 0): STEPS below, i.e. 16 / 12 / 8 / 4.8 epochs for 50 / 100 / 200 / 500 examples.
 The two prefix methods differ only in per-run fields, so the sweep packs them: with
 --pack_max=4, one program per size and replicate block (see _entries for the order, which a
-larger --pack_max would merge across blocks); see docs/low_data.md for the commands and the
-protocol.
+larger --pack_max would merge across blocks). The sweep also packs the two prompt-tuning
+subsets of one size together (the second is the next entry of that shape and length), so both
+run after the first block; fine-tuning keeps the SWEEP order. See docs/low_data.md for the
+commands and the protocol.
 
   python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps --pack_max=4
   python -m prefix_jax.compare --workdir='runs/sweeps/e2e_low_data/*' --out=docs/low_data
