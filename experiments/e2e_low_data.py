@@ -19,7 +19,7 @@ run after the first block; fine-tuning keeps the SWEEP order. See docs/low_data.
 commands and the protocol.
 
   python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps --pack_max=4
-  python -m prefix_jax.compare --workdir='runs/sweeps/e2e_low_data/*' --out=docs/low_data
+  bash scripts/low_data_report.sh runs/sweeps/e2e_low_data docs/low_data   # table, figure, paired
 Smoke (tiny random model, runlocal sizes):
   python -m prefix_jax.sweep --config=experiments/e2e_low_data.py:runlocal --root=/tmp/sweeps \
       --filter='^prefix$'

@@ -462,8 +462,8 @@ def plot_vs_train_examples(plt, records, fields, path: str) -> None:
                 legend.setdefault(label, handle)
         fig.legend(list(legend.values()), list(legend), loc="upper center", fontsize=7,
                    frameon=False, ncol=1 if len(legend) <= 4 else 2, bbox_to_anchor=(0.5, 0.0))
-    fig.suptitle("mean and 95% interval over seeds and subsets (each method drawn slightly "
-                 "to the side of its size)", fontsize=9)
+    dodged = " (each method drawn slightly to the side of its size)" if len(lines) > 1 else ""
+    fig.suptitle(f"mean and 95% interval over seeds and subsets{dodged}", fontsize=9)
     save(fig, path)
     plt.close(fig)
 

@@ -30,6 +30,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -171,6 +172,16 @@ def packed_step(states: tuple, frozen, batch: dict[str, jax.Array], active: jax.
     return tuple(new_states), {"train/loss": losses, "train/grad_norm": jnp.stack(grad_norms)}
 
 
+def run_stream(config: ml_collections.ConfigDict, task: Task, tokenizer: Any
+               ) -> grain.DatasetIterator:
+    """A packed run's own stream of training batches (its subset, seed and length; one
+    process holds every row, since packed groups train in one process)."""
+    return pipeline.train_iterator(
+        task.train_examples(tokenizer), config.train.batch_size, config.seed,
+        config.data.bucket_multiple, models.pad_id(tokenizer), config.train.num_steps, 0, 1,
+        task.collate, task.widths)
+
+
 def stack_batches(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The runs' batches on a leading axis, each zero-padded to the widest along every axis.
     Zero padding is masked padding in every task's batch (segment id 0, target weight 0), so a
@@ -268,10 +279,7 @@ def _train_group(configs_: Sequence[ml_collections.ConfigDict], workdirs: Sequen
                             f"model's loader draws it from seed={config.seed}); runs with "
                             "different bases cannot be packed; run them one by one "
                             "(sweep --pack=false)")
-        data_iter = pipeline.train_iterator(
-            task.train_examples(loaded.tokenizer), config.train.batch_size, config.seed,
-            config.data.bucket_multiple, models.pad_id(loaded.tokenizer),
-            config.train.num_steps, 0, 1, task.collate, task.widths)
+        data_iter = run_stream(config, task, loaded.tokenizer)
         ckpt = checkpoint.manager(workdir, config.train.keep_checkpoints)
         meta = {"base_fingerprint": fingerprints[config.seed], "model_source": loaded.source,
                 "trainable_shapes": checkpoint.shapes(setup.state.trainable),

@@ -72,15 +72,9 @@ def _padded_positions(configs_) -> float:
     step pads the group's batches to the widest (`train_packed.stack_batches`). Counted on the
     runs' own data streams, the pipeline alone (no training)."""
     from prefix_jax import models, tasks, train_packed
-    from prefix_jax.data import pipeline
 
     tokenizer = models.load(configs_[0].model, configs_[0].seed).tokenizer
-    streams = []
-    for c in configs_:
-        task = tasks.get(c)
-        streams.append(pipeline.train_iterator(
-            task.train_examples(tokenizer), c.train.batch_size, c.seed, c.data.bucket_multiple,
-            models.pad_id(tokenizer), c.train.num_steps, 0, 1, task.collate, task.widths))
+    streams = [train_packed.run_stream(c, tasks.get(c), tokenizer) for c in configs_]
     alone = packed = 0
     for first in range(0, len(streams), _PACK_MAX.value):
         group = streams[first:first + _PACK_MAX.value]
