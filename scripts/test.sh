@@ -16,4 +16,6 @@ VENV=${VENV:-.venv}
 # Test files run in parallel, one file per worker at a time (its module fixtures stay in one
 # process); at most 4 workers, each holding its own models in memory.
 WORKERS=${PYTEST_WORKERS:-$("$VENV/bin/python" -c "import os; print(min(4, os.cpu_count() or 1))")}
-JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q -n "$WORKERS" --dist loadfile "$@"
+# --durations: the slowest tests are listed in every CI log, so a suite that creeps towards
+# the time limit shows where.
+JAX_PLATFORMS=cpu "$VENV/bin/python" -m pytest -q -n "$WORKERS" --dist loadfile --durations=25 "$@"

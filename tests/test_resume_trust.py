@@ -229,7 +229,9 @@ def test_remote_style_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_p
 def test_second_run_on_a_live_workdir_fails_fast_and_the_first_finishes(tmp_path):
     workdir = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    steps = ["--config.train.num_steps=6", "--config.train.checkpoint_every=3"]
+    # The first run must outlive the second's start-up (a fresh interpreter, JAX and the model):
+    # enough steps that, once it holds the lock, it is still training when the second arrives.
+    steps = ["--config.train.num_steps=60", "--config.train.checkpoint_every=30"]
     first = subprocess.Popen([sys.executable, "-m", "prefix_jax.main", RUNLOCAL, *FAST, *steps,
                               f"--workdir={workdir}"], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -244,7 +246,7 @@ def test_second_run_on_a_live_workdir_fails_fast_and_the_first_finishes(tmp_path
     assert len(errors) == 1 and f"pid {first.pid} on host" in errors[0], second.stderr[-2000:]
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-2000:]
-    assert json.loads((workdir / "results.json").read_text())["step"] == 6
+    assert json.loads((workdir / "results.json").read_text())["step"] == 60
     assert not lock_file.exists()
 
 
