@@ -16,6 +16,8 @@ Writes into OUT:
   metric_vs_train_examples.png    best dev metrics against data.train_examples: mean and 95%
                                   interval (error bars) over the replicates, one line per
                                   method (only when data.train_examples differs)
+--figures picks which of these figures to write (default: all four; each still only when its
+condition holds); a figure left out is not written, and one already in OUT stays as it was.
 Runs that differ only in a replicate field (`seed`, `data.subsample_seed`) are replicates of
 one setting: table.md then adds a grouped table, one row per setting, with n and, per metric,
 mean, std (n-1) and a 95% interval (Student's t: mean +- t(0.975, n-1) std / sqrt(n)).
@@ -54,6 +56,11 @@ _OUT = flags.DEFINE_string("out", None, "Where the table and figures go (created
 _IGNORE = flags.DEFINE_string("ignore", "", "Regex of config fields to leave out of the table "
                               "and legends (e.g. fields that differ only because the runs came "
                               "from different code versions).", flag_values=FLAGS)
+
+FIGURES = ("loss_curves", "metric_vs_prefix_length", "metric_vs_trainable_params",
+           "metric_vs_train_examples")
+_FIGURES = flags.DEFINE_list("figures", list(FIGURES), "Which figures to write, by name "
+                             f"(comma-separated, of {', '.join(FIGURES)}).", flag_values=FLAGS)
 
 MISSING = "—"  # a cell whose run has no such value (an older or unfinished run)
 # Metrics where a smaller value is better (every E2E/DART score is better when larger).
@@ -518,6 +525,12 @@ def main() -> None:
     except re.error as e:
         cli.fail(f"--ignore={_IGNORE.value!r} is not a valid regex ({e})")
 
+    unknown = sorted(set(_FIGURES.value) - set(FIGURES))
+    if unknown:
+        cli.fail(f"--figures: no figure named {', '.join(unknown)}; choose among "
+                 f"{', '.join(FIGURES)}")
+    figures = set(_FIGURES.value)
+
     records = read_runs(expand_workdirs(_WORKDIR.value))  # all read before anything is written
     fields = differing_fields(records, _IGNORE.value)
     os.makedirs(out, exist_ok=True)
@@ -532,15 +545,16 @@ def main() -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    plot_loss_curves(plt, records, fields, os.path.join(out, "loss_curves.png"))
-    if LENGTH in fields:
+    if "loss_curves" in figures:
+        plot_loss_curves(plt, records, fields, os.path.join(out, "loss_curves.png"))
+    if "metric_vs_prefix_length" in figures and LENGTH in fields:
         others = [f for f in fields if f != LENGTH]
         plot_against(plt, records, lambda r: r.config.get(LENGTH), "prefix length",
                      False, os.path.join(out, "metric_vs_prefix_length.png"), others)
-    if TRAIN_EXAMPLES in fields:
+    if "metric_vs_train_examples" in figures and TRAIN_EXAMPLES in fields:
         plot_vs_train_examples(plt, records, setting_fields(records, _IGNORE.value),
                                os.path.join(out, "metric_vs_train_examples.png"))
-    if any(r.params for r in records):
+    if "metric_vs_trainable_params" in figures and any(r.params for r in records):
         plot_params(plt, records, fields, os.path.join(out, "metric_vs_trainable_params.png"))
 
 

@@ -3,8 +3,9 @@
 #   bash scripts/low_data_report.sh [SWEEP_DIR] [OUT]
 # (defaults runs/sweeps/e2e_low_data and docs/low_data). Copies each finished run's summary
 # (config.json, params.json, results.json, metrics.jsonl; not its checkpoints) to OUT/runs/<run>/,
-# then runs compare over every summary in OUT/runs (table.md and the figures; the checkpoint
-# column is empty there, since no checkpoint is committed) and writes the paired differences to
+# then runs compare over every summary in OUT/runs (table.md and the one figure this experiment
+# reads, metric_vs_train_examples.png; the checkpoint column is empty there, since no checkpoint
+# is committed) and writes the paired differences to
 # OUT/paired.md. Summaries already in OUT/runs stay, so runs whose workdirs are gone still count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,6 +30,7 @@ echo "copied $copied finished runs into $OUT/runs ($(ls "$OUT/runs" | wc -l) sum
 
 workdirs=()
 for summary in "$OUT"/runs/*/; do workdirs+=("--workdir=${summary%/}"); done
-JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} "$PYTHON" -m prefix_jax.compare "${workdirs[@]}" --out="$OUT" --ignore='^name$'
+JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} "$PYTHON" -m prefix_jax.compare "${workdirs[@]}" --out="$OUT" --ignore='^name$' \
+  --figures=metric_vs_train_examples
 "$PYTHON" scripts/low_data_paired.py "$OUT/runs" > "$OUT/paired.md"
-echo "wrote $OUT/table.md, $OUT/paired.md and the figures"
+echo "wrote $OUT/table.md, $OUT/metric_vs_train_examples.png and $OUT/paired.md"

@@ -94,7 +94,10 @@ def test_report_copies_finished_runs_and_pairs_methods_by_subset_and_seed(tmp_pa
     with open(os.path.join(out, "table.md")) as f:
         table = f.read()
     assert "## Mean over replicates" in table
-    assert os.path.exists(os.path.join(out, "metric_vs_train_examples.png"))
+    # Only the figure the experiment reads: 96 runs' loss curves and a prefix-length plot of
+    # one length would be megabytes of noise in every results commit.
+    assert sorted(f for f in os.listdir(out) if f.endswith(".png")) == [
+        "metric_vs_train_examples.png"]
 
 
 def test_report_refuses_a_missing_sweep_directory(tmp_path):
@@ -103,3 +106,16 @@ def test_report_refuses_a_missing_sweep_directory(tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "no sweep directory" in result.stderr
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_compare_refuses_an_unknown_figure_and_writes_nothing(tmp_path):
+    run = _write_run(str(tmp_path / "runs"), "prefix", 50, 0, 0, 50.0)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "prefix_jax.compare", f"--workdir={run}", f"--out={out}",
+         "--figures=metric_vs_train_examples,loss_curve"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1
+    assert "--figures: no figure named loss_curve; choose among loss_curves," in result.stderr
+    assert not out.exists()
