@@ -545,17 +545,20 @@ def main() -> None:
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
+    def png(name: str) -> str:  # a figure's file is its --figures name
+        return os.path.join(out, f"{name}.png")
+
     if "loss_curves" in figures:
-        plot_loss_curves(plt, records, fields, os.path.join(out, "loss_curves.png"))
+        plot_loss_curves(plt, records, fields, png("loss_curves"))
     if "metric_vs_prefix_length" in figures and LENGTH in fields:
         others = [f for f in fields if f != LENGTH]
         plot_against(plt, records, lambda r: r.config.get(LENGTH), "prefix length",
-                     False, os.path.join(out, "metric_vs_prefix_length.png"), others)
+                     False, png("metric_vs_prefix_length"), others)
     if "metric_vs_train_examples" in figures and TRAIN_EXAMPLES in fields:
         plot_vs_train_examples(plt, records, setting_fields(records, _IGNORE.value),
-                               os.path.join(out, "metric_vs_train_examples.png"))
+                               png("metric_vs_train_examples"))
     if "metric_vs_trainable_params" in figures and any(r.params for r in records):
-        plot_params(plt, records, fields, os.path.join(out, "metric_vs_trainable_params.png"))
+        plot_params(plt, records, fields, png("metric_vs_trainable_params"))
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -5,8 +5,8 @@
 # (config.json, params.json, results.json, metrics.jsonl; not its checkpoints) to OUT/runs/<run>/,
 # then runs compare over every summary in OUT/runs (table.md and the one figure this experiment
 # reads, metric_vs_train_examples.png; the checkpoint column is empty there, since no checkpoint
-# is committed) and writes the paired differences to
-# OUT/paired.md. Summaries already in OUT/runs stay, so runs whose workdirs are gone still count.
+# is committed) and writes the paired differences to OUT/paired.md. Summaries already in
+# OUT/runs stay, so runs whose workdirs are gone still count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP_DIR=${1:-runs/sweeps/e2e_low_data}
