@@ -17,6 +17,9 @@ larger --pack_max would merge across blocks). The sweep also packs the two promp
 subsets of one size together (the second is the next entry of that shape and length), so both
 run after the first block; fine-tuning keeps the SWEEP order. See docs/low_data.md for the
 commands and the protocol.
+Result (all 96 runs, docs/low_data.md): dev BLEU, real-word / random init, 45.9 / 42.3, 51.0 /
+48.2, 57.8 / 51.9, 59.0 / 56.0 at 50 / 100 / 200 / 500 examples (mean of 10); real-word init
+ahead in 37 of 40 paired runs.
 
   python -m prefix_jax.sweep --config=experiments/e2e_low_data.py --root=runs/sweeps --pack_max=4
   bash scripts/low_data_report.sh runs/sweeps/e2e_low_data docs/low_data   # table, figure, paired
